@@ -1,0 +1,3 @@
+"""Coffer: confidential containers with hardware attestation."""
+
+__version__ = "0.1.0"

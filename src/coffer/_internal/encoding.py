@@ -1,0 +1,84 @@
+"""Strict decoders for hex and base64, detection of how an evidence file is encoded, and the
+conversion of claim objects into JSON-ready values (bytes as lowercase hex)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from coffer.errors import FormatError
+
+_HEX = re.compile(rb"\A(?:[0-9a-fA-F]{2})*\Z")
+_B64 = re.compile(rb"\A[A-Za-z0-9+/]*={0,2}\Z")
+_B64URL = re.compile(rb"\A[A-Za-z0-9_-]*={0,2}\Z")
+_WS = re.compile(rb"\s+")
+
+
+def hex_decode(text: str | bytes, what: str = "hex string") -> bytes:
+    """Decode hex; an odd length or a non-hex character is an error, never silently skipped."""
+    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+    if not _HEX.match(raw):
+        raise FormatError(what, "not an even-length hexadecimal string")
+    return bytes.fromhex(raw.decode("ascii"))
+
+
+def b64_decode(text: str | bytes, what: str = "base64 string") -> bytes:
+    """Decode standard or URL-safe base64, padded or not; any other character is an error."""
+    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+    urlsafe = bool(_B64URL.match(raw)) and not _B64.match(raw)
+    if not (_B64.match(raw) or urlsafe):
+        raise FormatError(what, "not base64")
+    stripped = raw.rstrip(b"=")
+    if len(stripped) % 4 == 1:
+        raise FormatError(what, "base64 length is impossible")
+    padded = stripped + b"=" * (-len(stripped) % 4)
+    try:
+        if urlsafe:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FormatError(what, "not base64") from exc
+
+
+def decode_binary_file(data: bytes, what: str = "evidence file") -> bytes:
+    """Accept a binary evidence file given raw, as hex text or as base64 text.
+
+    Text forms are recognised only when the whole file (ignoring white space) is in that alphabet, so
+    a raw binary structure is never mangled. Hex wins over base64 when both would parse, since a hex
+    string is also valid base64 but never the other way round for real evidence.
+    """
+    compact = _WS.sub(b"", data)
+    if not compact:
+        raise FormatError(what, "file is empty")
+    if _HEX.match(compact):
+        return bytes.fromhex(compact.decode("ascii"))
+    if (_B64.match(compact) or _B64URL.match(compact)) and len(compact) >= 16:
+        return b64_decode(compact, what)
+    return data
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turn claims (dataclasses, enums, bytes, datetimes, containers) into JSON values.
+
+    Bytes become lowercase hex, which is the documented form of every byte field in ``--json`` output.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.repr}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | frozenset | set):
+        return [to_jsonable(v) for v in value]
+    return value

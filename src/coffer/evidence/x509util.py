@@ -1,0 +1,160 @@
+"""Certificate and CRL helpers shared by the SNP and DCAP verifiers.
+
+Chains are verified by hand rather than with ``cryptography.x509.verification``: AMD VCEKs carry no
+authority key identifier and Intel PCK certificates no subject alternative name, which the
+WebPKI-shaped builder rejects. Each helper does one explicit check and raises
+:class:`~coffer.errors.FormatError` or :class:`~coffer.errors.CollateralError`; the verifier's step
+runner turns those into a rejection naming its step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from datetime import datetime
+from functools import lru_cache
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from coffer.errors import CofferError, FormatError
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+class ChainError(CofferError):
+    """A certificate or CRL check failed; the verifier's step runner reports it at its step."""
+
+
+@lru_cache(maxsize=512)
+def _load_der(der: bytes) -> x509.Certificate:
+    # Every AMD VCEK/VLEK has serial number 0; cryptography 48 warns about that (and a later release
+    # plans to refuse it). The serial plays no part in SNP verification.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cert = x509.load_der_x509_certificate(der)
+        _ = cert.serial_number
+    return cert
+
+
+def load_certificate(data: bytes, what: str = "certificate") -> x509.Certificate:
+    """One certificate, DER or PEM."""
+    certs = load_certificates(data, what)
+    if len(certs) != 1:
+        raise FormatError(what, f"expected one certificate, found {len(certs)}")
+    return certs[0]
+
+
+def load_certificates(data: bytes, what: str = "certificate chain") -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle, or the single certificate of a DER file, in file order."""
+    return [_load_der(der) for der in certificate_ders(data, what)]
+
+
+def certificate_ders(data: bytes, what: str = "certificate chain") -> list[bytes]:
+    """The DER bytes of every certificate in PEM or DER input (checked to parse)."""
+    blocks = _PEM_CERT.findall(data)
+    ders: list[bytes] = []
+    if blocks:
+        for block in blocks:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cert = x509.load_pem_x509_certificate(block)
+            except ValueError as exc:
+                raise FormatError(what, "a PEM certificate does not parse") from exc
+            ders.append(cert.public_bytes(Encoding.DER))
+        return ders
+    stripped = data.lstrip()
+    if stripped.startswith(b"-----BEGIN"):
+        raise FormatError(what, "PEM input holds no certificate")
+    try:
+        _load_der(bytes(data))
+    except ValueError as exc:
+        raise FormatError(what, "neither a PEM bundle nor a DER certificate") from exc
+    return [bytes(data)]
+
+
+def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
+    """A CRL given as DER, PEM or (as PCCS stores them) hex of the DER."""
+    try:
+        match = _PEM_CRL.search(data)
+        if match:
+            return x509.load_pem_x509_crl(match.group(0))
+        stripped = data.strip()
+        if stripped and re.fullmatch(rb"[0-9a-fA-F]+", stripped) and len(stripped) % 2 == 0:
+            return x509.load_der_x509_crl(bytes.fromhex(stripped.decode()))
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise FormatError(what, "not a DER, PEM or hex CRL") from exc
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER encoding, lowercase hex."""
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def cn(name: x509.Name) -> str:
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else name.rfc4514_string()
+
+
+def check_validity(cert: x509.Certificate, at: datetime, label: str) -> None:
+    """The certificate's validity window contains ``at``."""
+    if at < cert.not_valid_before_utc:
+        raise ChainError(f"{label} is not valid before {cert.not_valid_before_utc.isoformat()}")
+    if at > cert.not_valid_after_utc:
+        raise ChainError(f"{label} expired on {cert.not_valid_after_utc.isoformat()}")
+
+
+def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: str) -> None:
+    """``parent`` issued ``child``: names chain and the signature verifies with the parent's key.
+
+    The signature scheme follows the parent's key type: RSA keys are checked with the scheme the
+    certificate declares (AMD uses RSASSA-PSS with SHA-384 and a 48-byte salt), EC keys with ECDSA.
+    """
+    if child.issuer != parent.subject:
+        raise ChainError(f"{label}: issuer {cn(child.issuer)!r} is not {cn(parent.subject)!r}")
+    key = parent.public_key()
+    hash_alg = child.signature_hash_algorithm
+    if hash_alg is None:
+        raise ChainError(f"{label}: signature algorithm without a hash is not accepted")
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            pss = child.signature_algorithm_parameters
+            if isinstance(pss, padding.PSS):
+                key.verify(child.signature, child.tbs_certificate_bytes, pss, hash_alg)
+            else:
+                key.verify(child.signature, child.tbs_certificate_bytes, padding.PKCS1v15(), hash_alg)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(child.signature, child.tbs_certificate_bytes, ec.ECDSA(hash_alg))
+        else:
+            raise ChainError(f"{label}: issuer key type {type(key).__name__} is not accepted")
+    except InvalidSignature as exc:
+        raise ChainError(f"{label}: signature by {cn(parent.subject)!r} does not verify") from exc
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList, issuer: x509.Certificate, at: datetime, label: str
+) -> None:
+    """The CRL is signed by ``issuer`` and current at ``at``."""
+    if crl.issuer != issuer.subject:
+        raise ChainError(f"{label}: issued by {cn(crl.issuer)!r}, expected {cn(issuer.subject)!r}")
+    key = issuer.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise ChainError(f"{label}: issuer key type is not accepted")
+    if not crl.is_signature_valid(key):
+        raise ChainError(f"{label}: signature does not verify")
+    if at < crl.last_update_utc:
+        raise ChainError(f"{label} is not valid before {crl.last_update_utc.isoformat()}")
+    next_update = crl.next_update_utc
+    if next_update is not None and at > next_update:
+        raise ChainError(f"{label} expired on {next_update.isoformat()}")
+
+
+def check_not_revoked(crl: x509.CertificateRevocationList, cert: x509.Certificate, label: str) -> None:
+    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        raise ChainError(f"{label} (serial {cert.serial_number:#x}) is revoked")
