@@ -33,11 +33,15 @@ class VerifyOptions:
     ``expected_report_data``, when set, must equal the evidence's report data; shorter values are
     compared against the zero-padded field (the convention of the KBS protocol for SNP/TDX/SGX), and
     each TEE documents its exact rule. Debug-mode guests are refused unless ``allow_debug``.
+    ``trusted_keys`` holds DER SubjectPublicKeyInfo of attestation keys the relying party already
+    trusts (a TPM AK enrolled out of band); evidence signed by another key is verified but labelled
+    insecure.
     """
 
     at: datetime = field(default_factory=utc_now)
     expected_report_data: bytes | None = None
     allow_debug: bool = False
+    trusted_keys: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", as_utc(self.at))

@@ -99,6 +99,21 @@ class NoCollateral:
         )
 
 
+class EmbeddedSnpEndorsements:
+    """Endorsements that arrived inside the evidence (the CoCo ``snp`` attester's ``cert_chain``,
+    Azure's VCEK from THIM). They are untrusted input like the report itself: the verifier still
+    chains them to the built-in AMD roots and checks them against the report."""
+
+    def __init__(self, endorsements: SnpEndorsements) -> None:
+        self._endorsements = endorsements
+
+    def snp_endorsements(self, query: SnpEndorsementQuery) -> SnpEndorsements:
+        return self._endorsements
+
+    def intel_collateral(self, query: IntelCollateralQuery) -> IntelCollateral:
+        raise CollateralError("evidence carried no Intel collateral")
+
+
 class ChainedSource:
     """Ask each source in turn; the first answer wins. If all refuse, the errors are combined."""
 

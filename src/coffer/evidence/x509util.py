@@ -110,6 +110,13 @@ def check_validity(cert: x509.Certificate, at: datetime, label: str) -> None:
         raise ChainError(f"{label} expired on {cert.not_valid_after_utc.isoformat()}")
 
 
+# Pairs (child DER, parent DER) whose signature already verified in this process. A certificate
+# signature is a fixed fact about two byte strings, so re-verifying it on every report only costs
+# time; names and validity windows are still checked on every call.
+_VERIFIED_PAIRS: set[tuple[bytes, bytes]] = set()
+_VERIFIED_PAIRS_LIMIT = 4096
+
+
 def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: str) -> None:
     """``parent`` issued ``child``: names chain and the signature verifies with the parent's key.
 
@@ -118,6 +125,9 @@ def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: st
     """
     if child.issuer != parent.subject:
         raise ChainError(f"{label}: issuer {cn(child.issuer)!r} is not {cn(parent.subject)!r}")
+    pair = (child.public_bytes(Encoding.DER), parent.public_bytes(Encoding.DER))
+    if pair in _VERIFIED_PAIRS:
+        return
     key = parent.public_key()
     hash_alg = child.signature_hash_algorithm
     if hash_alg is None:
@@ -135,6 +145,9 @@ def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: st
             raise ChainError(f"{label}: issuer key type {type(key).__name__} is not accepted")
     except InvalidSignature as exc:
         raise ChainError(f"{label}: signature by {cn(parent.subject)!r} does not verify") from exc
+    if len(_VERIFIED_PAIRS) >= _VERIFIED_PAIRS_LIMIT:
+        _VERIFIED_PAIRS.clear()
+    _VERIFIED_PAIRS.add(pair)
 
 
 def check_crl(
