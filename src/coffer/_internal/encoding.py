@@ -7,6 +7,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -82,3 +83,34 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple | frozenset | set):
         return [to_jsonable(v) for v in value]
     return value
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no white space, UTF-8 (for signing and hashing)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def load_json_object(data: bytes, what: str, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    """Parse a JSON object strictly: size-limited, UTF-8, no duplicate keys, no NaN/Infinity."""
+    if len(data) > max_bytes:
+        raise FormatError(what, f"{len(data)} bytes exceeds the {max_bytes}-byte limit")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, val in pairs:
+            if key in out:
+                raise FormatError(what, f"duplicate key {key!r}")
+            out[key] = val
+        return out
+
+    def no_constants(name: str) -> Any:
+        raise FormatError(what, f"{name} is not valid JSON")
+
+    try:
+        parsed = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates,
+                            parse_constant=no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(what, f"not valid JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(parsed, dict):
+        raise FormatError(what, "top level must be a JSON object")
+    return parsed

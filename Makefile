@@ -1,0 +1,38 @@
+# Coffer: the two commands of the Quick start are `make demo` and `make test`.
+# Both install what they need first (a .venv with the pinned Python packages; Debian packages when
+# running as root, otherwise the exact apt-get command is printed).
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml scripts/bootstrap.sh | cksum | cut -d' ' -f1)
+PYTEST_WORKERS ?= auto
+
+.PHONY: demo test lint typecheck unit bench install clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	@PYTHON=$(PYTHON) VENV=$(VENV) sh scripts/bootstrap.sh
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@$(PY) scripts/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(PY) bench/evidence.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coffer._internal.encoding import (
+    b64_decode,
+    canonical_json,
+    decode_binary_file,
+    hex_decode,
+    load_json_object,
+    to_jsonable,
+)
+from coffer.errors import FormatError
+
+
+def test_hex_decode_rejects_odd_length_and_junk() -> None:
+    assert hex_decode("00ff") == b"\x00\xff"
+    with pytest.raises(FormatError):
+        hex_decode("abc")
+    with pytest.raises(FormatError):
+        hex_decode("zz")
+
+
+def test_b64_accepts_standard_urlsafe_and_unpadded() -> None:
+    raw = bytes(range(200))
+    assert b64_decode(base64.b64encode(raw)) == raw
+    assert b64_decode(base64.urlsafe_b64encode(raw).rstrip(b"=")) == raw
+    with pytest.raises(FormatError):
+        b64_decode("ab$d")
+    with pytest.raises(FormatError):
+        b64_decode("abcde")
+
+
+def test_decode_binary_file_detects_hex_base64_and_raw() -> None:
+    raw = bytes(range(256)) * 5
+    assert decode_binary_file(raw) == raw
+    assert decode_binary_file(raw.hex().encode() + b"\n") == raw
+    assert decode_binary_file(base64.b64encode(raw) + b"\n") == raw
+    with pytest.raises(FormatError, match="empty"):
+        decode_binary_file(b"  \n")
+
+
+def test_load_json_object_rejects_duplicates_nan_and_non_objects() -> None:
+    assert load_json_object(b'{"a": 1}', "t") == {"a": 1}
+    with pytest.raises(FormatError, match="duplicate key"):
+        load_json_object(b'{"a": 1, "a": 2}', "t")
+    with pytest.raises(FormatError, match="NaN"):
+        load_json_object(b'{"a": NaN}', "t")
+    with pytest.raises(FormatError, match="object"):
+        load_json_object(b"[1]", "t")
+    with pytest.raises(FormatError, match="limit"):
+        load_json_object(b"{}" + b" " * 100, "t", max_bytes=10)
+    with pytest.raises(FormatError):
+        load_json_object(b"\xff", "t")
+
+
+def test_canonical_json_is_sorted_and_compact() -> None:
+    assert canonical_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclass(frozen=True)
+class _Thing:
+    data: bytes
+    colour: _Colour
+    when: datetime
+    nested: dict[str, bytes]
+
+
+def test_to_jsonable_renders_bytes_as_lowercase_hex() -> None:
+    value = _Thing(b"\xab\xcd", _Colour.RED, datetime(2025, 1, 2, tzinfo=UTC), {"k": b"\x01"})
+    assert to_jsonable(value) == {
+        "data": "abcd", "colour": "red", "when": "2025-01-02T00:00:00Z", "nested": {"k": "01"},
+    }
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_decoders_only_raise_format_error(data: bytes) -> None:
+    for func in (hex_decode, b64_decode, decode_binary_file):
+        try:
+            func(data)
+        except FormatError:
+            pass
+    try:
+        load_json_object(data, "fuzz")
+    except FormatError:
+        pass
