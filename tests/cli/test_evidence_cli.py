@@ -28,7 +28,9 @@ def test_verify_json_output_and_exit_0(sample_file: Path, capsys: pytest.Capture
     assert out["insecure"] is True
 
 
-def test_verify_rejection_names_step_and_exits_1(sample_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_rejection_names_step_and_exits_1(
+    sample_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["evidence", "verify", str(sample_file), "--tee", "sample", "--json",
                  "--expect-report-data", "ff"])
     assert code == 1

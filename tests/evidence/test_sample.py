@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -21,7 +22,8 @@ def test_verifies_and_is_always_insecure() -> None:
     assert body["tee"] == "sample"
     assert body["report_data"] == (b"nonce".ljust(64, b"\0")).hex()
     assert body["init_data"] == "11" * 32
-    assert body["steps"] == ["1 parse evidence", "2 load signing key", "3 evidence signature", "4 report data"]
+    assert body["steps"] == [
+        "1 parse evidence", "2 load signing key", "3 evidence signature", "4 report data"]
 
 
 def test_rejects_wrong_report_data_at_step_4() -> None:
@@ -89,7 +91,5 @@ def test_fuzz_parser_only_raises_format_error(noise: bytes, index: int, value: i
     good = bytearray(make_sample_evidence())
     good[index % len(good)] = value
     for candidate in (noise, bytes(good)):
-        try:
+        with contextlib.suppress(FormatError):
             parse_sample_evidence(candidate)
-        except FormatError:
-            pass

@@ -16,13 +16,16 @@ from datetime import datetime
 from functools import lru_cache
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from coffer.errors import CofferError, FormatError
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+# What cryptography raises for certificates it cannot decode (InvalidVersion is not a ValueError;
+# lazily decoded names and keys may raise KeyError or UnsupportedAlgorithm).
+_CERT_ERRORS = (ValueError, KeyError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm)
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
 
@@ -34,10 +37,13 @@ class ChainError(CofferError):
 def _load_der(der: bytes) -> x509.Certificate:
     # Every AMD VCEK/VLEK has serial number 0; cryptography 48 warns about that (and a later release
     # plans to refuse it). The serial plays no part in SNP verification.
+    # cryptography decodes some fields lazily; touching them here makes a malformed certificate fail
+    # at load (as a FormatError from the callers) rather than later inside a chain check.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cert = x509.load_der_x509_certificate(der)
-        _ = cert.serial_number
+        _ = (cert.serial_number, cert.issuer, cert.subject, cert.not_valid_before_utc,
+             cert.not_valid_after_utc, cert.signature_hash_algorithm, cert.public_key())
     return cert
 
 
@@ -64,7 +70,7 @@ def certificate_ders(data: bytes, what: str = "certificate chain") -> list[bytes
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     cert = x509.load_pem_x509_certificate(block)
-            except ValueError as exc:
+            except _CERT_ERRORS as exc:
                 raise FormatError(what, "a PEM certificate does not parse") from exc
             ders.append(cert.public_bytes(Encoding.DER))
         return ders
@@ -73,7 +79,7 @@ def certificate_ders(data: bytes, what: str = "certificate chain") -> list[bytes
         raise FormatError(what, "PEM input holds no certificate")
     try:
         _load_der(bytes(data))
-    except ValueError as exc:
+    except _CERT_ERRORS as exc:
         raise FormatError(what, "neither a PEM bundle nor a DER certificate") from exc
     return [bytes(data)]
 
