@@ -7,7 +7,17 @@ or produce a short field silently.
 
 from __future__ import annotations
 
+import struct
+
 from coffer.errors import FormatError
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_U16_BE = struct.Struct(">H")
+_U32_BE = struct.Struct(">I")
+_U64_BE = struct.Struct(">Q")
 
 
 class Reader:
@@ -35,13 +45,14 @@ class Reader:
         return FormatError(self.what, reason, offset=self._pos if offset is None else offset)
 
     def read(self, n: int, field: str = "field") -> bytes:
+        pos = self._pos
+        end = pos + n
         if n < 0:
             raise self.fail(f"{field}: negative length {n}")
-        if n > self.remaining:
+        if end > len(self._data):
             raise self.fail(f"{field}: needs {n} bytes, only {self.remaining} left (truncated)")
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        self._pos = end
+        return self._data[pos:end]
 
     def skip(self, n: int, field: str = "field") -> None:
         self.read(n, field)
@@ -52,29 +63,35 @@ class Reader:
         if any(self.read(n, field)):
             raise self.fail(f"{field} must be zero", offset=start)
 
-    def _int(self, n: int, field: str, order: str) -> int:
-        return int.from_bytes(self.read(n, field), order)  # type: ignore[arg-type]
+    def _unpack(self, fmt: struct.Struct, field: str) -> int:
+        pos = self._pos
+        end = pos + fmt.size
+        if end > len(self._data):
+            raise self.fail(f"{field}: needs {fmt.size} bytes, only {self.remaining} left (truncated)")
+        self._pos = end
+        value: int = fmt.unpack_from(self._data, pos)[0]
+        return value
 
     def u8(self, field: str = "u8") -> int:
-        return self._int(1, field, "little")
+        return self._unpack(_U8, field)
 
     def u16(self, field: str = "u16") -> int:
-        return self._int(2, field, "little")
+        return self._unpack(_U16, field)
 
     def u32(self, field: str = "u32") -> int:
-        return self._int(4, field, "little")
+        return self._unpack(_U32, field)
 
     def u64(self, field: str = "u64") -> int:
-        return self._int(8, field, "little")
+        return self._unpack(_U64, field)
 
     def u16_be(self, field: str = "u16") -> int:
-        return self._int(2, field, "big")
+        return self._unpack(_U16_BE, field)
 
     def u32_be(self, field: str = "u32") -> int:
-        return self._int(4, field, "big")
+        return self._unpack(_U32_BE, field)
 
     def u64_be(self, field: str = "u64") -> int:
-        return self._int(8, field, "big")
+        return self._unpack(_U64_BE, field)
 
     def sized_be16(self, field: str = "sized buffer", *, limit: int | None = None) -> bytes:
         """A buffer preceded by its big-endian u16 length (the TPM2B_* shape)."""

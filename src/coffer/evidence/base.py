@@ -4,10 +4,9 @@ interface that the CLI and the attestation service call."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import TracebackType
 from typing import Any, ClassVar, Literal, NoReturn, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -82,31 +81,45 @@ class StepRunner:
             report = parse(data)
         ...
         steps.done  # ("1 parse report", ...)
+
+    The runner is its own context manager (``step`` returns it), which keeps the dozen steps of a
+    warm verification cheap; steps do not nest.
     """
+
+    __slots__ = ("_current", "_done", "tee")
 
     def __init__(self, tee: str) -> None:
         self.tee = tee
-        self._done: list[str] = []
+        self._done: list[tuple[int, str]] = []
         self._current: tuple[int, str] | None = None
 
     @property
     def done(self) -> tuple[str, ...]:
-        return tuple(self._done)
+        return tuple(f"{number} {name}" for number, name in self._done)
 
-    @contextmanager
-    def step(self, number: int, name: str) -> Iterator[None]:
+    def step(self, number: int, name: str) -> StepRunner:
+        if self._current is not None:
+            raise RuntimeError(f"step {number} started inside step {self._current[0]}")
         self._current = (number, name)
-        try:
-            yield
-        except VerificationError:
-            raise
-        except InvalidSignature as exc:
-            raise VerificationError(self.tee, number, name, "signature does not verify") from exc
-        except (FormatError, CollateralError, UnsupportedError, ChainError) as exc:
-            raise VerificationError(self.tee, number, name, str(exc)) from exc
-        finally:
-            self._current = None
-        self._done.append(f"{number} {name}")
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        current = self._current
+        self._current = None
+        if current is None:
+            return
+        if exc is None:
+            self._done.append(current)
+        elif isinstance(exc, InvalidSignature):
+            raise VerificationError(self.tee, current[0], current[1], "signature does not verify") from exc
+        elif isinstance(exc, FormatError | CollateralError | UnsupportedError | ChainError):
+            raise VerificationError(self.tee, current[0], current[1], str(exc)) from exc
+        # Anything else (a VerificationError from a nested verifier included) propagates unchanged.
 
     def fail(self, reason: str) -> NoReturn:
         """Reject inside the running step."""

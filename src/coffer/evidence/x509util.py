@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from coffer._internal.memo import IdentityMemo
 from coffer.errors import CofferError, FormatError
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -116,11 +117,11 @@ def check_validity(cert: x509.Certificate, at: datetime, label: str) -> None:
         raise ChainError(f"{label} expired on {cert.not_valid_after_utc.isoformat()}")
 
 
-# Pairs (child DER, parent DER) whose signature already verified in this process. A certificate
-# signature is a fixed fact about two byte strings, so re-verifying it on every report only costs
-# time; names and validity windows are still checked on every call.
-_VERIFIED_PAIRS: set[tuple[bytes, bytes]] = set()
-_VERIFIED_PAIRS_LIMIT = 4096
+# Pairs (child, parent) whose issuance already checked out in this process. A certificate object is
+# immutable, so a pair is a fixed fact (names and signature included) and re-checking it on every
+# report only costs time. Validity windows depend on the reference time and are checked by the
+# callers on every call.
+_VERIFIED_PAIRS: IdentityMemo[bool] = IdentityMemo()
 
 
 def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: str) -> None:
@@ -129,11 +130,10 @@ def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: st
     The signature scheme follows the parent's key type: RSA keys are checked with the scheme the
     certificate declares (AMD uses RSASSA-PSS with SHA-384 and a 48-byte salt), EC keys with ECDSA.
     """
+    if _VERIFIED_PAIRS.get((child, parent)):
+        return
     if child.issuer != parent.subject:
         raise ChainError(f"{label}: issuer {cn(child.issuer)!r} is not {cn(parent.subject)!r}")
-    pair = (child.public_bytes(Encoding.DER), parent.public_bytes(Encoding.DER))
-    if pair in _VERIFIED_PAIRS:
-        return
     key = parent.public_key()
     hash_alg = child.signature_hash_algorithm
     if hash_alg is None:
@@ -151,9 +151,7 @@ def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: st
             raise ChainError(f"{label}: issuer key type {type(key).__name__} is not accepted")
     except InvalidSignature as exc:
         raise ChainError(f"{label}: signature by {cn(parent.subject)!r} does not verify") from exc
-    if len(_VERIFIED_PAIRS) >= _VERIFIED_PAIRS_LIMIT:
-        _VERIFIED_PAIRS.clear()
-    _VERIFIED_PAIRS.add(pair)
+    _VERIFIED_PAIRS.put((child, parent), True)
 
 
 def check_crl(

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from coffer._internal.encoding import hex_decode, load_json_object, to_jsonable
+from coffer._internal.memo import IdentityMemo
 from coffer.errors import FormatError
 from coffer.evidence.x509util import (
     ChainError,
@@ -433,8 +434,16 @@ def parse_qe_identity(body: bytes) -> tuple[EnclaveIdentity, SignedBody]:
 # Chains, signatures, CRLs
 
 
+_DER_MEMO: IdentityMemo[bytes] = IdentityMemo()
+
+
 def der_of(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
+    """The DER bytes of a certificate (remembered per object: encoding costs more than the lookup)."""
+    der = _DER_MEMO.get((cert,))
+    if der is None:
+        der = cert.public_bytes(Encoding.DER)
+        _DER_MEMO.put((cert,), der)
+    return der
 
 
 def _der(cert: x509.Certificate | bytes) -> bytes:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from coffer._internal.binreader import Reader
@@ -300,9 +301,16 @@ def _parse_header(r: Reader) -> QuoteHeader:
                        pce_svn=pce_svn, qe_vendor_id=qe_vendor_id, user_data=user_data)
 
 
+@lru_cache(maxsize=256)
+def _parse_qe_report(raw: bytes) -> EnclaveReport:
+    # The QE report is the same in every quote of a platform; parsing it once keeps the warm path
+    # short and hands the QE identity check the same object each time.
+    return parse_enclave_report(raw, "QE report")
+
+
 def _parse_qe_block(r: Reader, what: str) -> QeCertificationData:
     """QE report ‖ QE report signature ‖ QE auth data (u16 length) ‖ certification data (type 5)."""
-    qe_report = parse_enclave_report(r.read(ENCLAVE_REPORT_SIZE, "QE report"), "QE report")
+    qe_report = _parse_qe_report(r.read(ENCLAVE_REPORT_SIZE, "QE report"))
     qe_report_signature = r.read(64, "QE report signature")
     auth_len = r.u16("QE authentication data size")
     qe_auth_data = r.read(auth_len, "QE authentication data")

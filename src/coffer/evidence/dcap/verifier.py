@@ -42,10 +42,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from coffer._internal.memo import IdentityMemo
 from coffer.errors import FormatError
 from coffer.evidence.base import Claims, StepRunner, VerifyOptions, check_report_data
 from coffer.evidence.collateral import CollateralSource, IntelCollateral, IntelCollateralQuery
 from coffer.evidence.dcap.collateral import (
+    EnclaveIdentity,
+    IdentityLevel,
+    TcbInfo,
     chain_to_root,
     check_chain_validity,
     der_of,
@@ -166,6 +170,37 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         raise FormatError("DCAP quote", "attestation key is not a point on P-256") from exc
 
 
+# The QE identity match and the TCB evaluation are pure functions of the platform (PCK extension,
+# QE report, TDX module fields) and of the collateral objects, which the collateral cache hands out
+# unchanged while the collateral bytes are unchanged. Remembering them keeps a warm verification down
+# to the quote's own signature check; any change of input misses the memo.
+_QE_IDENTITY_MEMO: IdentityMemo[IdentityLevel | None] = IdentityMemo()
+_TCB_MEMO: IdentityMemo[TcbResult] = IdentityMemo()
+
+
+def _check_qe_identity(identity: EnclaveIdentity, qe_report: EnclaveReport) -> IdentityLevel | None:
+    memo_key = (identity,)
+    found = _QE_IDENTITY_MEMO.get(memo_key, qe_report.raw)
+    if found is not None:
+        return found
+    level = check_qe_identity(identity, qe_report)
+    if level is not None:
+        _QE_IDENTITY_MEMO.put(memo_key, level, qe_report.raw)
+    return level
+
+
+def _evaluate_tcb(info: TcbInfo, pck: PckExtension, qe_level: IdentityLevel | None,
+                  td: TdReportBody | None) -> TcbResult:
+    td_fields = None if td is None else (td.tee_tcb_svn, td.mr_signer_seam, td.seam_attributes)
+    objects = (info, pck, qe_level)
+    found = _TCB_MEMO.get(objects, td_fields)
+    if found is not None:
+        return found
+    result = evaluate_tcb(info, pck.tcb, qe_level, td)
+    _TCB_MEMO.put(objects, result, td_fields)
+    return result
+
+
 @dataclass(frozen=True)
 class _Outcome:
     quote: Quote
@@ -256,7 +291,7 @@ def _verify(tee: IntelTee, data: bytes, collateral: CollateralSource, options: V
 
     with steps.step(9, "match QE identity"):
         try:
-            qe_level = check_qe_identity(identity, qe.qe_report)
+            qe_level = _check_qe_identity(identity, qe.qe_report)
         except TcbMismatchError as exc:
             steps.fail(str(exc))
 
@@ -264,7 +299,7 @@ def _verify(tee: IntelTee, data: bytes, collateral: CollateralSource, options: V
     td = body if isinstance(body, TdReportBody) else None
     with steps.step(10, "evaluate TCB"):
         try:
-            result = evaluate_tcb(tcb_info, pck.tcb, qe_level, td)
+            result = _evaluate_tcb(tcb_info, pck, qe_level, td)
         except TcbMismatchError as exc:
             steps.fail(str(exc))
         if result.rejected:

@@ -64,8 +64,9 @@ class OfflineSnpEndorsements:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        # (signer, file identities) -> answer, so a warm verifier does not re-read unchanged files.
-        self._memo: dict[str, tuple[tuple[object, ...], SnpEndorsements]] = {}
+        # signer -> (identities of the files the answer came from, answer): a warm verifier re-reads
+        # nothing while those files (and, for a directory, its entries) are unchanged.
+        self._memo: dict[str, tuple[tuple[tuple[Path, object], ...], SnpEndorsements]] = {}
 
     @staticmethod
     def _identity(path: Path) -> object:
@@ -76,21 +77,21 @@ class OfflineSnpEndorsements:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def snp_endorsements(self, query: SnpEndorsementQuery) -> SnpEndorsements:
-        names = (f"{query.signer}.der", f"{query.signer}.pem", "cert_chain.pem")
-        key = (self._identity(self.path), *(self._identity(self.path / n) for n in names))
         memo = self._memo.get(query.signer)
-        if memo is not None and memo[0] == key and key[0] is not None:
+        if memo is not None and all(self._identity(p) == ident for p, ident in memo[0]):
             return memo[1]
-        found = self._load(query)
-        self._memo[query.signer] = (key, found)
+        found, used = self._load(query)
+        identities = tuple((p, self._identity(p)) for p in used)
+        if all(ident is not None for _, ident in identities):
+            self._memo[query.signer] = (identities, found)
         return found
 
-    def _load(self, query: SnpEndorsementQuery) -> SnpEndorsements:
+    def _load(self, query: SnpEndorsementQuery) -> tuple[SnpEndorsements, list[Path]]:
         if not self.path.exists():
             raise CollateralError(f"endorsements path {self.path} does not exist")
         if not self.path.is_dir():
-            return split_signing_certificate(cert_ders(_read(self.path), str(self.path)),
-                                             str(self.path))
+            found = split_signing_certificate(cert_ders(_read(self.path), str(self.path)), str(self.path))
+            return found, [self.path]
         names = (f"{query.signer}.der", f"{query.signer}.pem")
         leaf_path = next((self.path / n for n in names if (self.path / n).is_file()), None)
         if leaf_path is None:
@@ -99,10 +100,12 @@ class OfflineSnpEndorsements:
             )
         found = split_signing_certificate(cert_ders(_read(leaf_path), str(leaf_path)), str(leaf_path))
         chain = list(found.chain)
+        used = [self.path, leaf_path]
         chain_path = self.path / "cert_chain.pem"
         if chain_path.is_file():
             chain.extend(cert_ders(_read(chain_path), str(chain_path)))
-        return SnpEndorsements(leaf=found.leaf, chain=tuple(chain), source=str(leaf_path))
+            used.append(chain_path)
+        return SnpEndorsements(leaf=found.leaf, chain=tuple(chain), source=str(leaf_path)), used
 
     def intel_collateral(self, query: IntelCollateralQuery) -> IntelCollateral:
         raise CollateralError("an SNP endorsements path holds no Intel collateral")
