@@ -20,7 +20,6 @@ Steps (a rejection names the step it happened in):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Literal
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from coffer._internal.memo import IdentityMemo
 from coffer.errors import CollateralError, FormatError
 from coffer.evidence.base import Claims, StepRunner, VerifyOptions, check_report_data
 from coffer.evidence.collateral import (
@@ -88,17 +88,17 @@ def _v2_candidates(report: SnpReport, store: SnpTrustStore) -> tuple[str, ...]:
     return tuple(p for p in order if store.get(p) is not None)
 
 
-def _as_product(report: SnpReport, product: str) -> SnpReport:
-    """A version 2 report decoded for a given product (re-parsed only if the TCB layout differs)."""
-    if report.product == product:
+def _decoded_as(report: SnpReport, product: str) -> SnpReport:
+    """The report with its TCB fields decoded in ``product``'s layout. A version 2 report carries no
+    product; when the layout is the one it was decoded with, the same object is returned (the caller
+    keeps the product it settled on), otherwise it is parsed again for that product."""
+    if report.product == product or uses_turin_tcb_layout(product, None) == report.is_turin_layout:
         return report
-    if uses_turin_tcb_layout(product, None) == report.is_turin_layout:
-        return dataclasses.replace(report, product=product)
     return parse_report(report.raw, product=product)
 
 
 def _query(report: SnpReport, product: str, signer: SnpSigner) -> SnpEndorsementQuery:
-    as_product = _as_product(report, product)
+    as_product = _decoded_as(report, product)
     return SnpEndorsementQuery(
         product=product,
         signer=signer,
@@ -161,18 +161,33 @@ def _verify_chain(
             mid = cert  # a re-issued intermediate, checked against the ARK above
     if mid is None:
         mid = expected_mid
-    if leaf.issuer != mid.subject:
-        raise ChainError(
-            f"the {leaf_role} is issued by {cn(leaf.issuer)!r}, not by the {product} {mid_role} "
-            f"{cn(mid.subject)!r}"
-        )
     # The trust store checked the ARK's own signature and the built-in intermediates when it was
     # built; supplied intermediates were checked above. Validity windows depend on the time, so they
-    # are checked on every call.
+    # are checked on every call. Names are compared (in check_issued_by) only until the pair is known.
+    try:
+        check_issued_by(leaf, mid, leaf_role)
+    except ChainError:
+        if leaf.issuer != mid.subject:
+            raise ChainError(
+                f"the {leaf_role} is issued by {cn(leaf.issuer)!r}, not by the {product} {mid_role} "
+                f"{cn(mid.subject)!r}"
+            ) from None
+        raise
     check_validity(ark, options.at, f"ARK-{product}")
-    check_validity(mid, options.at, f"{mid_role} {cn(mid.subject)!r}")
+    check_validity(mid, options.at, f"{mid_role} of {product}")
     check_validity(leaf, options.at, leaf_role)
-    check_issued_by(leaf, mid, leaf_role)
+
+
+_NAMES_MEMO: IdentityMemo[tuple[str, str]] = IdentityMemo()
+
+
+def _common_names(cert: x509.Certificate) -> tuple[str, str]:
+    """Subject and issuer CN (decoding names is slow in cryptography; certificates are immutable)."""
+    names = _NAMES_MEMO.get((cert,))
+    if names is None:
+        names = (cn(cert.subject), cn(cert.issuer))
+        _NAMES_MEMO.put((cert,), names)
+    return names
 
 
 @lru_cache(maxsize=256)
@@ -274,7 +289,7 @@ def verify_snp_report(
             if product is None:
                 steps.fail(f"the {signer.upper()} (productName {ext.product_name!r}, issuer "
                            f"{cn(cert.issuer)!r}) belongs to no product with AMD roots")
-            parsed = _as_product(parsed, product)
+            parsed = _decoded_as(parsed, product)
         product_roots = store.get(product)
         if product_roots is None:
             steps.fail(f"no AMD roots for {product}")
@@ -296,6 +311,7 @@ def verify_snp_report(
     with steps.step(8, "check report data"):
         check_report_data(steps, parsed.report_data, options.expected_report_data, pad_to=64)
 
+    subject_cn, issuer_cn = _common_names(cert)
     return SnpClaims(
         tee=TEE,
         insecure=False,
@@ -325,8 +341,8 @@ def verify_snp_report(
         report_id_ma=parsed.report_id_ma,
         endorsement={
             "source": endorsement.source,
-            "subject": cn(cert.subject),
-            "issuer": cn(cert.issuer),
+            "subject": subject_cn,
+            "issuer": issuer_cn,
             "product_name": ext.product_name or "",
             **({"csp_id": ext.csp_id} if ext.csp_id else {}),
         },
