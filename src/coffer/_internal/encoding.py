@@ -85,6 +85,14 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def to_json_object(value: Any) -> dict[str, Any]:
+    """:func:`to_jsonable` for a dataclass or mapping, typed as the JSON object it becomes."""
+    out = to_jsonable(value)
+    if not isinstance(out, dict):
+        raise TypeError(f"{type(value).__name__} does not convert to a JSON object")
+    return out
+
+
 def canonical_json(value: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, no white space, UTF-8 (for signing and hashing)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, NoReturn, Protocol
 from cryptography.exceptions import InvalidSignature
 
 from coffer._internal.clock import as_utc, utc_now
-from coffer._internal.encoding import to_jsonable
+from coffer._internal.encoding import to_json_object
 from coffer.errors import (
     CollateralError,
     FormatError,
@@ -62,9 +62,7 @@ class Claims:
 
     def to_dict(self) -> dict[str, Any]:
         """The claims as JSON values: stable snake_case names, byte fields as lowercase hex."""
-        out = to_jsonable(self)
-        assert isinstance(out, dict)
-        return out
+        return to_json_object(self)
 
     def with_steps(self, steps: tuple[str, ...]) -> Claims:
         return dataclasses.replace(self, steps=steps)

@@ -15,8 +15,13 @@ from typing import Any, ClassVar, Literal
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coffer._internal.encoding import b64_decode, canonical_json, hex_decode, load_json_object
-from coffer._internal.encoding import to_jsonable as _to_jsonable
+from coffer._internal.encoding import (
+    b64_decode,
+    canonical_json,
+    hex_decode,
+    load_json_object,
+    to_json_object,
+)
 from coffer.errors import FormatError
 from coffer.evidence.base import Claims, StepRunner, VerifyOptions, check_report_data
 from coffer.evidence.collateral import CollateralSource
@@ -44,9 +49,7 @@ class SampleEvidence:
                                     public_key=self.public_key))
 
     def to_dict(self) -> dict[str, Any]:
-        out = _to_jsonable(self)
-        assert isinstance(out, dict)
-        return {"tee": TEE, **out}
+        return {"tee": TEE, **to_json_object(self)}
 
 
 @dataclass(frozen=True, kw_only=True)

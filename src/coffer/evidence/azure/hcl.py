@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coffer._internal.binreader import Reader
-from coffer._internal.encoding import hex_decode, load_json_object, to_jsonable
+from coffer._internal.encoding import hex_decode, load_json_object, to_json_object
 from coffer.errors import FormatError
 
 _WHAT = "Azure HCL report"
@@ -57,12 +57,6 @@ HASH_TYPES = {1: "sha256", 2: "sha384", 3: "sha512"}
 
 SNP_REPORT_DATA_OFFSET = 0x50
 TD_REPORT_DATA_OFFSET = 0x80
-
-
-def _dict(obj: object) -> dict[str, Any]:
-    out = to_jsonable(obj)
-    assert isinstance(out, dict)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +93,7 @@ class TdReport:
     servtd_hash: bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return _dict(self)
+        return to_json_object(self)
 
 
 def parse_td_report(data: bytes) -> TdReport:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from coffer._internal.encoding import hex_decode, load_json_object, to_jsonable
+from coffer._internal.encoding import hex_decode, load_json_object, to_json_object
 from coffer._internal.memo import IdentityMemo
 from coffer.errors import FormatError
 from coffer.evidence.x509util import (
@@ -280,9 +280,7 @@ class TcbInfo:
     tcb_levels: tuple[TcbLevel, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        out = to_jsonable(self)
-        assert isinstance(out, dict)
-        return out
+        return to_json_object(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,9 +299,7 @@ class EnclaveIdentity:
     tcb_levels: tuple[IdentityLevel, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        out = to_jsonable(self)
-        assert isinstance(out, dict)
-        return out
+        return to_json_object(self)
 
 
 def _svn_list(tcb: dict[str, Any], name: str, what: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 
-from coffer._internal.encoding import to_jsonable
+from coffer._internal.encoding import to_json_object
 from coffer.errors import FormatError
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
@@ -63,9 +63,7 @@ class PckExtension:
     smt_enabled: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = to_jsonable(self)
-        assert isinstance(out, dict)
-        return out
+        return to_json_object(self)
 
 
 def _tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:

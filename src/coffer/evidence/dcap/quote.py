@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 from coffer._internal.binreader import Reader
-from coffer._internal.encoding import to_jsonable
+from coffer._internal.encoding import to_json_object
 from coffer.errors import FormatError
 
 _WHAT = "DCAP quote"
@@ -58,12 +58,6 @@ SGX_DEBUG_FLAG = 1 << 1  # ATTRIBUTES.FLAGS bit 1
 TD_DEBUG_FLAG = 1 << 0  # TDATTRIBUTES bit 0
 
 
-def _jsonable(obj: object) -> dict[str, Any]:
-    out = to_jsonable(obj)
-    assert isinstance(out, dict)
-    return out
-
-
 @dataclass(frozen=True, kw_only=True)
 class QuoteHeader:
     version: int
@@ -75,7 +69,7 @@ class QuoteHeader:
     user_data: bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(self)
+        return to_json_object(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +95,7 @@ class EnclaveReport:
         return bool(int.from_bytes(self.attributes[:8], "little") & SGX_DEBUG_FLAG)
 
     def to_dict(self) -> dict[str, Any]:
-        out = _jsonable(self)
+        out = to_json_object(self)
         out.pop("raw", None)
         out["debug"] = self.debug
         return out
@@ -138,7 +132,7 @@ class TdReportBody:
         return bool(int.from_bytes(self.td_attributes, "little") & TD_DEBUG_FLAG)
 
     def to_dict(self) -> dict[str, Any]:
-        out = _jsonable(self)
+        out = to_json_object(self)
         if self.tee_tcb_svn2 is None:
             out.pop("tee_tcb_svn2")
             out.pop("mr_servicetd")

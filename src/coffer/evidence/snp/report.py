@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from coffer._internal.binreader import Reader
-from coffer._internal.encoding import to_jsonable
+from coffer._internal.encoding import to_json_object
 from coffer.errors import FormatError
 
 WHAT = "SNP attestation report"
@@ -274,7 +274,7 @@ class SnpReport:
         return self.chip_id[:8] if self.is_turin_layout else self.chip_id
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = to_jsonable(self)
+        out = to_json_object(self)
         for name in ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb"):
             out[name] = getattr(self, name).to_dict()
         out["policy"] = self.policy.to_dict()

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from coffer._internal.binreader import Reader
-from coffer._internal.encoding import to_jsonable
+from coffer._internal.encoding import to_json_object
 from coffer.errors import FormatError
 
 TPM_GENERATED_VALUE = 0xFF544347
@@ -106,12 +106,6 @@ def digest(alg: int, data: bytes, what: str = "TPM digest") -> bytes:
     return hashlib.new(name, data).digest()
 
 
-def _dict(obj: object) -> dict[str, Any]:
-    out = to_jsonable(obj)
-    assert isinstance(out, dict)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # TPMS_ATTEST
 
@@ -167,7 +161,7 @@ class TpmsAttest:
         return self.magic == TPM_GENERATED_VALUE and self.type == TPM_ST_ATTEST_QUOTE
 
     def to_dict(self) -> dict[str, Any]:
-        out = _dict(self)
+        out = to_json_object(self)
         if self.quote is not None:
             out["quote"]["pcr_select"] = [
                 {"bank": sel.bank, "pcrs": list(sel.pcrs)} for sel in self.quote.pcr_select
@@ -256,7 +250,7 @@ class TpmtSignature:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, "hash": hash_name(self.hash_alg), **{
-            k: v for k, v in _dict(self).items() if k in ("rsa_signature", "ecc_r", "ecc_s") and v}}
+            k: v for k, v in to_json_object(self).items() if k in ("rsa_signature", "ecc_r", "ecc_s") and v}}
 
 
 def parse_signature(data: bytes) -> TpmtSignature:
@@ -323,7 +317,7 @@ class TpmtPublic:
             raise FormatError("TPMT_PUBLIC", "the key parameters do not form a valid public key") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        out = _dict(self)
+        out = to_json_object(self)
         out.pop("raw", None)
         return out
 
