@@ -67,3 +67,20 @@ class VerificationError(CofferError):
 
 class PolicyDeniedError(VerificationError):
     """The evidence is genuine, but a policy rule (debug, TCB minimum, ...) refused it."""
+
+
+class StorageError(CofferError):
+    """The storage backend failed (unreachable database, corrupt state, failed migration)."""
+
+
+class ProtocolError(CofferError):
+    """A peer broke the KBS protocol (bad version, malformed body, wrong session, reused nonce).
+
+    ``kind`` is the Trustee error type name reported on the wire (``AttestationError``,
+    ``TokenNotFound``, ``PolicyDeny``...), which also decides the HTTP status.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"{kind}: {detail}")
