@@ -1,24 +1,42 @@
 #!/bin/sh
-# Create the virtual environment and install Coffer with its development tools.
-# Debian packages this needs (none beyond Python's venv support for now) are installed when
-# running as root; otherwise the command to run is printed and the script stops.
+# Create the virtual environment and install Coffer with its development tools, and the Debian
+# packages the test suite and the demo use (PostgreSQL, swtpm, tpm2-tools). As root, missing Debian
+# packages are installed; otherwise the exact command to run is printed and the script stops.
 set -eu
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-APT_PACKAGES="python3-venv python3-pip"
+
+# need PROBE PACKAGE: PROBE is a command, an absolute path, or dpkg:NAME (an installed package)
+need() {
+    probe=$1
+    package=$2
+    case "$probe" in
+        /*) [ -e "$probe" ] && return 0 ;;
+        dpkg:*) dpkg -s "${probe#dpkg:}" >/dev/null 2>&1 && return 0 ;;
+        *) command -v "$probe" >/dev/null 2>&1 && return 0 ;;
+    esac
+    missing="$missing $package"
+}
 
 missing=""
 if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    missing="$APT_PACKAGES"
+    missing="$missing python3-venv python3-pip"
 fi
+need /usr/lib/postgresql/15/bin/initdb postgresql
+need swtpm swtpm
+need swtpm_setup swtpm-tools
+need tpm2_quote tpm2-tools
+need dpkg:libtss2-tcti-swtpm0 libtss2-tcti-swtpm0
+
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "bootstrap: installing Debian packages: $missing"
+        echo "bootstrap: installing Debian packages:$missing"
         DEBIAN_FRONTEND=noninteractive apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
     else
-        echo "bootstrap: Python's venv module is missing. Run as root:" >&2
-        echo "    apt-get update && apt-get install -y $missing" >&2
+        echo "bootstrap: Debian packages are missing. Run as root:" >&2
+        echo "    apt-get update && apt-get install -y$missing" >&2
         exit 1
     fi
 fi

@@ -43,6 +43,7 @@ def test_decode_binary_file_detects_hex_base64_and_raw() -> None:
     raw = bytes(range(256)) * 5
     assert decode_binary_file(raw) == raw
     assert decode_binary_file(raw.hex().encode() + b"\n") == raw
+    assert decode_binary_file(b"0x" + raw.hex().encode()) == raw
     assert decode_binary_file(base64.b64encode(raw) + b"\n") == raw
     with pytest.raises(FormatError, match="empty"):
         decode_binary_file(b"  \n")

@@ -57,6 +57,8 @@ def decode_binary_file(data: bytes, what: str = "evidence file") -> bytes:
     compact = _WS.sub(b"", data)
     if not compact:
         raise FormatError(what, "file is empty")
+    if compact[:2] in (b"0x", b"0X") and _HEX.match(compact[2:]):
+        return bytes.fromhex(compact[2:].decode("ascii"))
     if _HEX.match(compact):
         return bytes.fromhex(compact.decode("ascii"))
     if (_B64.match(compact) or _B64URL.match(compact)) and len(compact) >= 16:

@@ -76,6 +76,9 @@ class SnpClaims(Claims):
     guest_svn: int
     report_id: bytes
     report_id_ma: bytes
+    cpuid: dict[str, int] | None  # family, model, stepping (report version 3 and later)
+    launch_mit_vector: int | None  # mitigation vectors (report version 5)
+    current_mit_vector: int | None
     endorsement: dict[str, str]
 
 
@@ -339,6 +342,11 @@ def verify_snp_report(
         guest_svn=parsed.guest_svn,
         report_id=parsed.report_id,
         report_id_ma=parsed.report_id_ma,
+        cpuid=None if parsed.cpuid_family is None else {
+            "family": parsed.cpuid_family, "model": parsed.cpuid_model or 0,
+            "stepping": parsed.cpuid_stepping or 0},
+        launch_mit_vector=parsed.launch_mit_vector,
+        current_mit_vector=parsed.current_mit_vector,
         endorsement={
             "source": endorsement.source,
             "subject": subject_cn,
