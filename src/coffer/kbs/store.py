@@ -71,7 +71,9 @@ class Store(Protocol):
     def delete(self, namespace: str, key: str) -> bool:
         ...
 
-    def list_entries(self, namespace: str, *, prefix: str = "", now: datetime, limit: int = 1000) -> list[Entry]:
+    def list_entries(
+        self, namespace: str, *, prefix: str = "", now: datetime, limit: int = 1000
+    ) -> list[Entry]:
         """Live entries whose key starts with ``prefix``, ordered by key."""
         ...
 
@@ -146,7 +148,9 @@ class MemoryStore:
         with self._lock:
             return self._data.pop((namespace, key), None) is not None
 
-    def list_entries(self, namespace: str, *, prefix: str = "", now: datetime, limit: int = 1000) -> list[Entry]:
+    def list_entries(
+        self, namespace: str, *, prefix: str = "", now: datetime, limit: int = 1000
+    ) -> list[Entry]:
         with self._lock:
             found = [e for (ns, k), e in self._data.items()
                      if ns == namespace and k.startswith(prefix) and self._live(e, now) is not None]
