@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.support.postgres"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTORS_DIR = Path(os.environ.get("COFFER_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
 

@@ -1,0 +1,322 @@
+"""The embedded :class:`~coffer.kbs.store.Store`: one SQLite file in the server's state directory.
+
+Durability: the database runs in WAL mode with ``synchronous=FULL``, so a write the store has returned
+from survives a crash of the process or of the machine (every commit is fsynced). Each thread gets its
+own connection (SQLite connections are not meant to be shared); writers serialise on SQLite's database
+lock, waiting up to ``busy_timeout`` seconds, which also makes several processes on one file safe
+(every conditional write is one statement, so compare-and-set is atomic across processes too).
+
+The state directory is created ``0700`` and the database file ``0600`` (SQLite gives its ``-wal`` and
+``-shm`` files the mode of the database): the store holds sealed resources and the token signing key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from coffer._internal.clock import as_utc
+from coffer._internal.encoding import to_jsonable
+from coffer.errors import StorageError
+from coffer.kbs import migrations
+from coffer.kbs.store import AuditEvent, Entry
+
+T = TypeVar("T")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DRIVER_ERRORS = (sqlite3.Error, OSError, UnicodeError, OverflowError, ValueError)
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch (naive times are taken as UTC)."""
+    delta = as_utc(moment) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+class SqliteStore:
+    """A :class:`~coffer.kbs.store.Store` in one SQLite database file (created if absent)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self._path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
+        self._closed = False
+        try:
+            _prepare_file(self._path)
+        except OSError as exc:
+            raise StorageError(f"cannot create the SQLite database {self._path}: "
+                               f"{exc.strerror or exc}") from exc
+        try:
+            self._schema_version = self._run("migrate", self._migrate)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _open_connection(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA trusted_schema = OFF")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StorageError("the SQLite store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        conn = self._open_connection()
+        with self._lock:
+            if self.closed:  # closed by another thread while this one was connecting
+                conn.close()
+                raise StorageError("the SQLite store is closed")
+            # Connections of threads that have ended are closed here, so a server whose thread pool
+            # churns does not accumulate open files.
+            for thread in [t for t in self._connections if not t.is_alive()]:
+                self._connections.pop(thread).close()
+            self._connections[threading.current_thread()] = conn
+        self._local.conn = conn
+        return conn
+
+    def _run(self, what: str, action: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return action(self._connection())
+        except StorageError:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"SQLite store: {what} failed: {exc}") from exc
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise StorageError(f"SQLite store: cannot enable WAL journal mode on {self._path}")
+        available = migrations.load("sqlite")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS coffer_schema_version ("
+                         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM coffer_schema_version").fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > len(available):
+                raise StorageError(f"the database {self._path} has schema version {current}, newer than "
+                                   f"this Coffer supports ({len(available)}); upgrade Coffer")
+            for migration in available[current:]:
+                for statement in migration.statements():
+                    conn.execute(statement)
+                conn.execute("INSERT INTO coffer_schema_version (version, name, applied_at) "
+                             "VALUES (?, ?, ?)",
+                             (migration.version, migration.name, to_micros(datetime.now(UTC))))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return max(current, len(available))
+
+    # -- extras (not part of the Store protocol) ---------------------------------------------------------
+
+    def schema_version(self) -> int:
+        def action(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT max(version) FROM coffer_schema_version").fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+        return self._run("schema version", action)
+
+    def ping(self) -> None:
+        """Raise :class:`StorageError` unless the database answers (readiness probes)."""
+        self._run("ping", lambda conn: conn.execute("SELECT 1").fetchall())
+
+    # -- Store -----------------------------------------------------------------------------------------
+
+    def get(self, namespace: str, key: str, *, now: datetime) -> Entry | None:
+        def action(conn: sqlite3.Connection) -> Entry | None:
+            rows = conn.execute(
+                "SELECT key, value, version, expires_at FROM coffer_kv "
+                "WHERE namespace = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, key, to_micros(now))).fetchall()
+            return _entry(rows[0]) if rows else None
+        return self._run("get", action)
+
+    def put(self, namespace: str, key: str, value: bytes, *, expires_at: datetime | None = None) -> Entry:
+        def action(conn: sqlite3.Connection) -> Entry:
+            rows = conn.execute(
+                "INSERT INTO coffer_kv (namespace, key, value, version, expires_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
+                "version = coffer_kv.version + 1, expires_at = excluded.expires_at "
+                "RETURNING version",
+                (namespace, key, bytes(value), _micros_or_none(expires_at))).fetchall()
+            return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
+        return self._run("put", action)
+
+    def create(self, namespace: str, key: str, value: bytes, *, expires_at: datetime | None = None,
+               now: datetime) -> Entry | None:
+        def action(conn: sqlite3.Connection) -> Entry | None:
+            # One statement: an expired entry is replaced (its version continues), a live one is kept.
+            rows = conn.execute(
+                "INSERT INTO coffer_kv (namespace, key, value, version, expires_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
+                "version = coffer_kv.version + 1, expires_at = excluded.expires_at "
+                "WHERE coffer_kv.expires_at IS NOT NULL AND coffer_kv.expires_at <= ? "
+                "RETURNING version",
+                (namespace, key, bytes(value), _micros_or_none(expires_at), to_micros(now))).fetchall()
+            if not rows:
+                return None
+            return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
+        return self._run("create", action)
+
+    def compare_and_set(self, namespace: str, key: str, value: bytes, *, expected_version: int,
+                        expires_at: datetime | None = None) -> Entry | None:
+        def action(conn: sqlite3.Connection) -> Entry | None:
+            rows = conn.execute(
+                "UPDATE coffer_kv SET value = ?, version = version + 1, expires_at = ? "
+                "WHERE namespace = ? AND key = ? AND version = ? RETURNING version",
+                (bytes(value), _micros_or_none(expires_at), namespace, key, expected_version)).fetchall()
+            if not rows:
+                return None
+            return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
+        return self._run("compare-and-set", action)
+
+    def delete(self, namespace: str, key: str) -> bool:
+        def action(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute("DELETE FROM coffer_kv WHERE namespace = ? AND key = ?", (namespace, key))
+            return cursor.rowcount > 0
+        return self._run("delete", action)
+
+    def list_entries(self, namespace: str, *, prefix: str = "", now: datetime,
+                     limit: int = 1000) -> list[Entry]:
+        def action(conn: sqlite3.Connection) -> list[Entry]:
+            rows = conn.execute(
+                "SELECT key, value, version, expires_at FROM coffer_kv "
+                "WHERE namespace = ? AND key >= ? AND substr(key, 1, ?) = ? "
+                "AND (expires_at IS NULL OR expires_at > ?) ORDER BY key LIMIT ?",
+                (namespace, prefix, len(prefix), prefix, to_micros(now), max(limit, 0))).fetchall()
+            return [_entry(row) for row in rows]
+        return self._run("list", action)
+
+    def count(self, namespace: str, *, now: datetime) -> int:
+        def action(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM coffer_kv "
+                "WHERE namespace = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, to_micros(now))).fetchone()
+            return int(row[0]) if row else 0
+        return self._run("count", action)
+
+    def purge_expired(self, namespace: str, *, now: datetime) -> int:
+        def action(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute("DELETE FROM coffer_kv WHERE namespace = ? AND expires_at <= ?",
+                                  (namespace, to_micros(now)))
+            return max(cursor.rowcount, 0)
+        return self._run("purge", action)
+
+    def append_audit(self, event: AuditEvent) -> AuditEvent:
+        claims = dict(event.claims)
+        encoded = json.dumps(to_jsonable(claims), ensure_ascii=False, sort_keys=True)
+
+        def action(conn: sqlite3.Connection) -> AuditEvent:
+            rows = conn.execute(
+                "INSERT INTO coffer_audit (at, action, subject, outcome, detail, claims) "
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (to_micros(event.at), event.action, event.subject, event.outcome, event.detail,
+                 encoded)).fetchall()
+            return AuditEvent(at=event.at, action=event.action, subject=event.subject, outcome=event.outcome,
+                              detail=event.detail, claims=claims, id=int(rows[0][0]))
+        return self._run("audit append", action)
+
+    def query_audit(self, *, since: datetime | None = None, until: datetime | None = None,
+                    subject: str | None = None, action: str | None = None,
+                    limit: int = 1000) -> list[AuditEvent]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            conditions.append("at >= ?")
+            params.append(to_micros(since))
+        if until is not None:
+            conditions.append("at <= ?")
+            params.append(to_micros(until))
+        if subject is not None:
+            conditions.append("subject = ?")
+            params.append(subject)
+        if action is not None:
+            conditions.append("action = ?")
+            params.append(action)
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+        # Only the constant fragments above are joined into the statement; values are parameters.
+        query = ("SELECT id, at, action, subject, outcome, detail, claims FROM coffer_audit "  # noqa: S608
+                 + where + " ORDER BY at, id LIMIT ?")
+        params.append(max(limit, 0))
+
+        def run(conn: sqlite3.Connection) -> list[AuditEvent]:
+            return [AuditEvent(id=int(row[0]), at=from_micros(int(row[1])), action=row[2], subject=row[3],
+                               outcome=row[4], detail=row[5], claims=json.loads(row[6]))
+                    for row in conn.execute(query, params).fetchall()]
+        return self._run("audit query", run)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections = list(self._connections.values())
+            self._connections.clear()
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(key=row[0], value=bytes(row[1]), version=int(row[2]),
+                 expires_at=None if row[3] is None else from_micros(int(row[3])))
+
+
+def _micros_or_none(moment: datetime | None) -> int | None:
+    return None if moment is None else to_micros(moment)
+
+
+def _prepare_file(path: Path) -> None:
+    """Create missing parent directories 0700 and the database file 0600 (tightening an existing file)."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists() and stat.S_IMODE(sidecar.stat().st_mode) & 0o077:
+            os.chmod(sidecar, 0o600)
