@@ -94,3 +94,20 @@ def test_fuzz_decoders_only_raise_format_error(data: bytes) -> None:
             func(data)
     with contextlib.suppress(FormatError):
         load_json_object(data, "fuzz")
+
+
+def test_json_with_integer_beyond_conversion_limit_is_format_error() -> None:
+    with pytest.raises(FormatError):
+        load_json_object(b'{"v": ' + b"1" * 5000 + b"}", "t")
+
+
+def test_json_with_lone_surrogate_is_format_error() -> None:
+    with pytest.raises(FormatError):
+        load_json_object(b'{"v": "\\ud800"}', "t")
+    with pytest.raises(FormatError):
+        load_json_object(b'{"\\udc00": 1}', "t")
+
+
+def test_json_float_overflowing_to_infinity_is_format_error() -> None:
+    with pytest.raises(FormatError, match="out of range"):
+        load_json_object(b'{"v": 1e999}', "t")

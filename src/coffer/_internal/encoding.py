@@ -116,10 +116,20 @@ def load_json_object(data: bytes, what: str, *, max_bytes: int = 1 << 20) -> dic
     def no_constants(name: str) -> Any:
         raise FormatError(what, f"{name} is not valid JSON")
 
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise FormatError(what, f"number {text[:20]!r} is out of range")
+        return value
+
     try:
         parsed = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates,
-                            parse_constant=no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                            parse_constant=no_constants, parse_float=finite_float)
+        # json accepts lone UTF-16 surrogates ("\ud800"), which no later .encode() survives; refuse
+        # them here, once, rather than at every place a string is used.
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python's conversion limit.
         raise FormatError(what, f"not valid JSON ({exc.__class__.__name__})") from exc
     if not isinstance(parsed, dict):
         raise FormatError(what, "top level must be a JSON object")

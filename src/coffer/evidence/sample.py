@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -143,7 +144,7 @@ def verify_sample_evidence(data: bytes, options: VerifyOptions) -> SampleClaims:
     with steps.step(2, "load signing key"):
         try:
             key = serialization.load_der_public_key(evidence.public_key)
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise FormatError(_WHAT, "public_key is not a DER public key") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             steps.fail("signing key must be ECDSA P-256")

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -27,6 +28,7 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE----
 # What cryptography raises for certificates it cannot decode (InvalidVersion is not a ValueError;
 # lazily decoded names and keys may raise KeyError or UnsupportedAlgorithm).
 _CERT_ERRORS = (ValueError, KeyError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm)
+_STRONG_HASHES = frozenset({"sha256", "sha384", "sha512"})
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
 
@@ -89,14 +91,18 @@ def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
     """A CRL given as DER, PEM or (as PCCS stores them) hex of the DER."""
     try:
         match = _PEM_CRL.search(data)
-        if match:
-            return x509.load_pem_x509_crl(match.group(0))
         stripped = data.strip()
-        if stripped and re.fullmatch(rb"[0-9a-fA-F]+", stripped) and len(stripped) % 2 == 0:
-            return x509.load_der_x509_crl(bytes.fromhex(stripped.decode()))
-        return x509.load_der_x509_crl(data)
-    except ValueError as exc:
+        if match:
+            crl = x509.load_pem_x509_crl(match.group(0))
+        elif stripped and re.fullmatch(rb"[0-9a-fA-F]+", stripped) and len(stripped) % 2 == 0:
+            crl = x509.load_der_x509_crl(bytes.fromhex(stripped.decode()))
+        else:
+            crl = x509.load_der_x509_crl(data)
+        # Decoded lazily by cryptography: touch them here so a malformed CRL fails at load.
+        _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc, crl.signature_hash_algorithm)
+    except _CERT_ERRORS as exc:
         raise FormatError(what, "not a DER, PEM or hex CRL") from exc
+    return crl
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -124,13 +130,22 @@ def check_validity(cert: x509.Certificate, at: datetime, label: str) -> None:
 _VERIFIED_PAIRS: IdentityMemo[bool] = IdentityMemo()
 
 
-def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: str) -> None:
+# AMD signs ASK, ASVK, VCEK and VLEK certificates with RSASSA-PSS, SHA-384, MGF1-SHA-384, 48-byte salt.
+AMD_RSA_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+
+
+def check_issued_by(
+    child: x509.Certificate, parent: x509.Certificate, label: str, *, rsa_pss: padding.PSS | None = None
+) -> None:
     """``parent`` issued ``child``: names chain and the signature verifies with the parent's key.
 
-    The signature scheme follows the parent's key type: RSA keys are checked with the scheme the
-    certificate declares (AMD uses RSASSA-PSS with SHA-384 and a 48-byte salt), EC keys with ECDSA.
+    EC keys are checked with ECDSA and the certificate's hash. For RSA keys, ``rsa_pss`` pins the
+    scheme (with SHA-384 as the hash): the algorithm field a certificate declares outside its signed
+    part is not trusted to choose it. Without ``rsa_pss``, the declared scheme is used, and only
+    PSS or PKCS#1 v1.5 with SHA-256 or stronger is accepted.
     """
-    if _VERIFIED_PAIRS.get((child, parent)):
+    pinned = rsa_pss is not None
+    if _VERIFIED_PAIRS.get((child, parent), pinned):
         return
     if child.issuer != parent.subject:
         raise ChainError(f"{label}: issuer {cn(child.issuer)!r} is not {cn(parent.subject)!r}")
@@ -140,18 +155,21 @@ def check_issued_by(child: x509.Certificate, parent: x509.Certificate, label: st
         raise ChainError(f"{label}: signature algorithm without a hash is not accepted")
     try:
         if isinstance(key, rsa.RSAPublicKey):
-            pss = child.signature_algorithm_parameters
-            if isinstance(pss, padding.PSS):
-                key.verify(child.signature, child.tbs_certificate_bytes, pss, hash_alg)
+            if rsa_pss is not None:
+                key.verify(child.signature, child.tbs_certificate_bytes, rsa_pss, hashes.SHA384())
             else:
-                key.verify(child.signature, child.tbs_certificate_bytes, padding.PKCS1v15(), hash_alg)
+                if hash_alg.name not in _STRONG_HASHES:
+                    raise ChainError(f"{label}: signature hash {hash_alg.name} is not accepted")
+                declared = child.signature_algorithm_parameters
+                scheme = declared if isinstance(declared, padding.PSS) else padding.PKCS1v15()
+                key.verify(child.signature, child.tbs_certificate_bytes, scheme, hash_alg)
         elif isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(child.signature, child.tbs_certificate_bytes, ec.ECDSA(hash_alg))
         else:
             raise ChainError(f"{label}: issuer key type {type(key).__name__} is not accepted")
     except InvalidSignature as exc:
         raise ChainError(f"{label}: signature by {cn(parent.subject)!r} does not verify") from exc
-    _VERIFIED_PAIRS.put((child, parent), True)
+    _VERIFIED_PAIRS.put((child, parent), True, pinned)
 
 
 def check_crl(
@@ -168,7 +186,9 @@ def check_crl(
     if at < crl.last_update_utc:
         raise ChainError(f"{label} is not valid before {crl.last_update_utc.isoformat()}")
     next_update = crl.next_update_utc
-    if next_update is not None and at > next_update:
+    if next_update is None:
+        raise ChainError(f"{label} has no nextUpdate, so it would never expire")
+    if at > next_update:
         raise ChainError(f"{label} expired on {next_update.isoformat()}")
 
 

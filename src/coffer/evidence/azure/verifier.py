@@ -281,6 +281,9 @@ def verify_azure_vtpm(
                                signature=evidence.quote.signature, pcrs=pcrs,
                                expected_nonce=options.expected_report_data)
     n = verified.next_step
+    # Older attesters leave user-data unrelated to the nonce, so only version 2 evidence is held to
+    # it. The version field is unsigned: a v2 document relabelled v1 loses the HCL report's own
+    # freshness but not the TPM quote's nonce check (step above), which binds the same AK.
     if evidence.version >= 2:
         with steps.step(n, "check user data"):
             expected = options.expected_report_data

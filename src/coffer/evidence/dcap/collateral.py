@@ -159,7 +159,7 @@ def signed_member(body: bytes, key: str, what: str) -> tuple[bytes, dict[str, An
         raise FormatError(what, f"{key!r} must be an object")
     try:
         rescanned = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(what, f"the raw {key!r} bytes do not parse on their own") from exc
     if rescanned != value:
         raise FormatError(what, f"the raw {key!r} bytes disagree with the parsed document")
@@ -557,6 +557,8 @@ def _verified_crl(data: bytes, issuer_der: bytes, label: str) -> x509.Certificat
     key = issuer.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
         raise ChainError(f"{label}: signature by {cn(issuer.subject)!r} does not verify")
+    if crl.next_update_utc is None:
+        raise ChainError(f"{label} has no nextUpdate, so it would never expire")
     return crl
 
 

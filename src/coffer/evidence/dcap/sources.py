@@ -192,7 +192,7 @@ class PcsFetcher:
                 try:
                     entry = json.loads(cached)
                     return base64.b64decode(entry["body"]), entry["chain"].encode()
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, UnicodeError):
                     pass  # a damaged entry is refetched
         try:
             response: HttpResponse = self.getter.get(url)

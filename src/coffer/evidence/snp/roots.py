@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from coffer.errors import ConfigError
-from coffer.evidence.x509util import ChainError, check_issued_by, load_certificate
+from coffer.evidence.x509util import AMD_RSA_PSS, ChainError, check_issued_by, load_certificate
 
 # SHA-256 of the DER encoding of each built-in certificate.
 PINS: dict[str, dict[str, str]] = {
@@ -64,9 +64,9 @@ class ProductRoots:
 
     def check(self, product: str) -> None:
         """The ARK is self-signed and issued both intermediates (raises ChainError)."""
-        check_issued_by(self.ark, self.ark, f"ARK-{product}")
-        check_issued_by(self.ask, self.ark, f"ASK-{product}")
-        check_issued_by(self.asvk, self.ark, f"ASVK-{product}")
+        check_issued_by(self.ark, self.ark, f"ARK-{product}", rsa_pss=AMD_RSA_PSS)
+        check_issued_by(self.ask, self.ark, f"ASK-{product}", rsa_pss=AMD_RSA_PSS)
+        check_issued_by(self.asvk, self.ark, f"ASVK-{product}", rsa_pss=AMD_RSA_PSS)
 
 
 class SnpTrustStore:

@@ -44,7 +44,7 @@ from coffer.evidence.snp.certs import EndorsementExtensions, load_cert, parse_en
 from coffer.evidence.snp.report import SnpReport, parse_report, uses_turin_tcb_layout
 from coffer.evidence.snp.roots import ProductRoots, SnpTrustStore, builtin_roots
 from coffer.evidence.snp.wire import is_json_evidence, parse_json_evidence
-from coffer.evidence.x509util import ChainError, check_issued_by, check_validity, cn
+from coffer.evidence.x509util import AMD_RSA_PSS, ChainError, check_issued_by, check_validity, cn
 
 TEE = "snp"
 
@@ -159,7 +159,7 @@ def _verify_chain(
                 f"supplied root {cn(cert.subject)!r} is not the built-in AMD ARK-{product} "
                 f"(the report is from a {product})"
             )
-        check_issued_by(cert, ark, f"supplied {cn(cert.subject)!r}")
+        check_issued_by(cert, ark, f"supplied {cn(cert.subject)!r}", rsa_pss=AMD_RSA_PSS)
         if cert.subject == expected_mid.subject and mid is None:
             mid = cert  # a re-issued intermediate, checked against the ARK above
     if mid is None:
@@ -168,7 +168,7 @@ def _verify_chain(
     # built; supplied intermediates were checked above. Validity windows depend on the time, so they
     # are checked on every call. Names are compared (in check_issued_by) only until the pair is known.
     try:
-        check_issued_by(leaf, mid, leaf_role)
+        check_issued_by(leaf, mid, leaf_role, rsa_pss=AMD_RSA_PSS)
     except ChainError:
         if leaf.issuer != mid.subject:
             raise ChainError(
@@ -317,7 +317,8 @@ def verify_snp_report(
     subject_cn, issuer_cn = _common_names(cert)
     return SnpClaims(
         tee=TEE,
-        insecure=False,
+        # A debug guest (accepted only with allow_debug) can be read by the host.
+        insecure=parsed.policy.debug,
         report_data=parsed.report_data,
         steps=steps.done,
         version=parsed.version,

@@ -82,9 +82,15 @@ class AttestationKey:
         return hashlib.sha256(self.spki_der).digest()
 
 
+MIN_RSA_AK_BITS = 2048
+
+
 def _from_key(key: object, tpm_public: st.TpmtPublic | None = None) -> AttestationKey:
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise FormatError("attestation key", "only RSA and EC attestation keys are supported")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_AK_BITS:
+        raise FormatError("attestation key", f"RSA key of {key.key_size} bits; at least "
+                                             f"{MIN_RSA_AK_BITS} required")
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return AttestationKey(key, der, tpm_public)
 
@@ -131,7 +137,7 @@ def rsa_jwk_to_ak(jwk: Mapping[str, Any], what: str = "JWK") -> AttestationKey:
 def _rsa_ak(n_text: str, e_text: str, what: str) -> AttestationKey:
     n = int.from_bytes(b64_decode(n_text, f"{what} n"), "big")
     e = int.from_bytes(b64_decode(e_text, f"{what} e"), "big")
-    if n.bit_length() < 1024 or n.bit_length() > 8 * st.MAX_RSA_KEY_BYTES or e < 3 or e % 2 == 0:
+    if n.bit_length() < MIN_RSA_AK_BITS or n.bit_length() > 8 * st.MAX_RSA_KEY_BYTES or e < 3 or e % 2 == 0:
         raise FormatError(what, "RSA modulus or exponent out of range")
     try:
         return _from_key(rsa.RSAPublicNumbers(e, n).public_key())
@@ -175,7 +181,10 @@ def verify_quote_signature(ak: AttestationKey, message: bytes, signature: bytes)
         pad: padding.AsymmetricPadding = (
             padding.PKCS1v15() if sig.sig_alg == st.ALG_RSASSA
             else padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO))
-        key.verify(sig.rsa_signature, message, pad, algorithm)
+        try:
+            key.verify(sig.rsa_signature, message, pad, algorithm)
+        except ValueError as exc:  # e.g. a digest too large for the key
+            raise FormatError("TPMT_SIGNATURE", f"cannot be checked with this AK: {exc}") from exc
         return label, sig.hash_alg
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise FormatError("TPMT_SIGNATURE", "ECDSA signature but the AK is not an EC key")
