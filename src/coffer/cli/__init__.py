@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from coffer import __version__
-from coffer.cli import _evidence
+from coffer.cli import _attest, _evidence, _kbs, _kbs_admin, _token
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError, VerificationError
 
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coffer {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
     _evidence.register(groups)
+    _attest.register(groups)
+    _kbs.register(groups)
+    _kbs_admin.register(groups)
+    _token.register(groups)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""RCAR sessions (``/auth`` → ``/attest`` → resource GETs), kept in the shared store.
+
+A session is created by ``/auth`` with a fresh nonce and lives for a fixed time (5 minutes by default;
+attesting does not extend it). It moves ``authed`` → ``attesting`` → ``attested`` by compare-and-set,
+so across every replica sharing the store a nonce is consumed exactly once: a second ``/attest`` on the
+same session, or a replay of the same evidence, is refused. A failed attestation ends the session.
+
+The table is bounded: when ``max_sessions`` live sessions exist, expired ones are purged, and if the
+table is still full ``/auth`` is refused (401 ``AttestationError``) instead of growing without limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from coffer._internal.clock import as_utc, utc_now
+from coffer.errors import ProtocolError
+from coffer.kbs.protocol import ATTEST_FAILED, SESSION_COOKIE, Attestation, Challenge, Request, make_nonce
+from coffer.kbs.store import NS_SESSIONS, Entry, Store
+
+COOKIE_NAME = SESSION_COOKIE
+AUTHED = "authed"
+ATTESTING = "attesting"
+ATTESTED = "attested"
+
+
+
+@dataclass(frozen=True, kw_only=True)
+class Session:
+    id: str
+    state: str
+    tee: str
+    version: str
+    nonce: str
+    extra_params: Any
+    created_at: datetime
+    expires_at: datetime
+    token: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "state": self.state, "tee": self.tee, "version": self.version, "nonce": self.nonce,
+            "extra_params": self.extra_params, "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(), "token": self.token,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> Session:
+        try:
+            raw = json.loads(entry.value)
+            return cls(id=entry.key, state=raw["state"], tee=raw["tee"], version=raw["version"],
+                       nonce=raw["nonce"], extra_params=raw["extra_params"],
+                       created_at=datetime.fromisoformat(raw["created_at"]),
+                       expires_at=datetime.fromisoformat(raw["expires_at"]), token=raw.get("token"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session record unreadable") from exc
+
+
+def valid_session_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+class SessionManager:
+    def __init__(self, store: Store, clock: Callable[[], datetime] = utc_now,
+                 timeout: timedelta = timedelta(minutes=5), max_sessions: int = 10_000) -> None:
+        if max_sessions <= 0:
+            raise ValueError("max_sessions must be positive")
+        self._store = store
+        self._clock = clock
+        self.timeout = timeout
+        self.max_sessions = max_sessions
+
+    def _now(self) -> datetime:
+        return as_utc(self._clock())
+
+    # -- /auth ---------------------------------------------------------------------------------------
+
+    def begin(self, request: Request) -> tuple[str, Challenge]:
+        """A new session for ``request``: (cookie value, challenge)."""
+        now = self._now()
+        if self._store.count(NS_SESSIONS, now=now) >= self.max_sessions:
+            self._store.purge_expired(NS_SESSIONS, now=now)
+            if self._store.count(NS_SESSIONS, now=now) >= self.max_sessions:
+                raise ProtocolError("AttestationError",
+                                    "Attestation error: RCAR handshake Auth failed: too many sessions")
+        challenge = Challenge(nonce=make_nonce(), extra_params="")
+        while True:
+            session = Session(id=uuid.uuid4().hex, state=AUTHED, tee=request.tee, version=request.version,
+                              nonce=challenge.nonce, extra_params=_jsonable(request.extra_params),
+                              created_at=now, expires_at=now + self.timeout)
+            created = self._store.create(NS_SESSIONS, session.id, session.to_bytes(),
+                                         expires_at=session.expires_at, now=now)
+            if created is not None:
+                return session.id, challenge
+
+    def expires_at(self, session_id: str) -> datetime | None:
+        found = self._load(session_id)
+        return found[0].expires_at if found else None
+
+    # -- /attest -------------------------------------------------------------------------------------
+
+    def attest(self, session_id: str, attestation: Attestation,
+               verify: Callable[[Session, Attestation], str]) -> str:
+        """Check the nonce, consume the session's challenge, run ``verify`` (which returns the token)
+        and record the token. Any failure leaves the session unusable."""
+        found = self._load(session_id)
+        if found is None:
+            raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session not found or expired")
+        session, entry = found
+        if session.state != AUTHED:
+            raise ProtocolError("AttestationError",
+                                f"{ATTEST_FAILED}: session already used (a challenge is single use)")
+        if attestation.runtime_data.nonce != session.nonce:
+            raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: nonce does not match the challenge")
+        claimed = dataclasses.replace(session, state=ATTESTING)
+        claimed_entry = self._store.compare_and_set(NS_SESSIONS, session.id, claimed.to_bytes(),
+                                                    expected_version=entry.version,
+                                                    expires_at=session.expires_at)
+        if claimed_entry is None:
+            raise ProtocolError("AttestationError",
+                                f"{ATTEST_FAILED}: session already used (a challenge is single use)")
+        try:
+            token = verify(claimed, attestation)
+        except BaseException:
+            self._store.delete(NS_SESSIONS, session.id)
+            raise
+        done = dataclasses.replace(claimed, state=ATTESTED, token=token)
+        stored = self._store.compare_and_set(NS_SESSIONS, session.id, done.to_bytes(),
+                                             expected_version=claimed_entry.version,
+                                             expires_at=session.expires_at)
+        if stored is None:  # deleted or expired meanwhile; the token itself is still valid
+            raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session expired during attestation")
+        return token
+
+    # -- resource requests ---------------------------------------------------------------------------
+
+    def token_for(self, session_id: str) -> str:
+        """The token of an attested, unexpired session."""
+        found = self._load(session_id)
+        if found is None or found[0].state != ATTESTED or not found[0].token:
+            raise ProtocolError("TokenNotFound", "Attestation Token not found")
+        return found[0].token
+
+    def session(self, session_id: str) -> Session | None:
+        found = self._load(session_id)
+        return found[0] if found else None
+
+    def sweep(self) -> int:
+        """Delete expired sessions (the app runs this periodically)."""
+        return self._store.purge_expired(NS_SESSIONS, now=self._now())
+
+    def count(self) -> int:
+        return self._store.count(NS_SESSIONS, now=self._now())
+
+    def _load(self, session_id: str) -> tuple[Session, Entry] | None:
+        if not valid_session_id(session_id):
+            return None
+        now = self._now()
+        entry = self._store.get(NS_SESSIONS, session_id, now=now)
+        if entry is None:
+            return None
+        session = Session.from_entry(entry)
+        if session.expires_at <= now:
+            return None
+        return session, entry
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
