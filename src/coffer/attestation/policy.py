@@ -13,9 +13,10 @@ policies call.
 The default policy (:data:`DEFAULT_CPU_POLICY`, file ``default_cpu.rego``) enforces reference values:
 evidence whose measurement is not registered is never affirming, and neither is the ``sample`` TEE.
 
-Speed: a policy text is validated once (:func:`compiled`, keyed by its digest) and compiled once per
-thread (regorus engines are bound to their thread); reference data is reloaded into an engine only
-when the snapshot object changes.
+Speed: a policy text is validated and compiled once (:func:`compiled`, keyed by its digest) into an
+engine on the process's regorus thread (engines are bound to their thread, see
+:mod:`coffer._internal.rego`); reference data is reloaded into an engine only when the snapshot
+object changes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import regorus  # type: ignore[import-untyped]
 
+from coffer._internal import rego
 from coffer.errors import FormatError, ProtocolError
 
 AR4SI_CLAIMS = ("instance-identity", "configuration", "executables", "file-system", "hardware",
@@ -112,11 +114,17 @@ class _ThreadEngine:
         self.loaded = reference
 
 
+# Engines by policy digest. Touched only on the regorus thread (see coffer._internal.rego).
+_ENGINES: dict[str, _ThreadEngine] = {}
+_MAX_ENGINES = 64
+rego.add_cleanup(_ENGINES.clear)
+
+
 class CompiledPolicy:
     """One validated policy text. :meth:`appraise` is thread-safe.
 
-    A regorus engine may only be used by the thread that created it (the binding panics otherwise),
-    so each thread compiles the text once into its own engine and keeps reusing it.
+    The regorus engine behind it lives on the process's regorus thread (an engine is bound to the
+    thread that created it), compiled once per distinct text and reused.
     """
 
     def __init__(self, text: str, *, name: str = "policy.rego") -> None:
@@ -126,8 +134,7 @@ class CompiledPolicy:
         self.name = name
         self.digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         self._has_extensions = "extensions" in text
-        self._local = threading.local()
-        self._local.state = self._compile()
+        rego.run(self._engine_here)  # compiles and validates now
 
     def _compile(self) -> _ThreadEngine:
         engine = regorus.Engine()
@@ -135,7 +142,7 @@ class CompiledPolicy:
             engine.add_policy(self.name, self.text)
             packages = list(engine.get_packages())
         except (RuntimeError, ValueError) as exc:
-            raise FormatError("appraisal policy", f"does not compile: {_first_line(exc)}") from exc
+            raise FormatError("appraisal policy", f"does not compile: {_first_line(exc)}") from None
         if PACKAGE not in packages:
             raise FormatError("appraisal policy", f"must declare 'package policy' (found {packages})")
         state = _ThreadEngine(engine)
@@ -145,31 +152,38 @@ class CompiledPolicy:
             engine.eval_rule(f"{PACKAGE}.trust_claims")
         except (RuntimeError, ValueError) as exc:
             if "not a valid rule path" in str(exc):
-                raise FormatError("appraisal policy", "must define the rule 'trust_claims'") from exc
+                raise FormatError("appraisal policy", "must define the rule 'trust_claims'") from None
             # Other errors on an empty input are the policy's business at evaluation time.
         return state
 
-    def _state(self) -> _ThreadEngine:
-        state: _ThreadEngine | None = getattr(self._local, "state", None)
+    def _engine_here(self) -> _ThreadEngine:
+        """This policy's engine (on the regorus thread only)."""
+        state = _ENGINES.get(self.digest)
         if state is None:
             state = self._compile()
-            self._local.state = state
+            if len(_ENGINES) >= _MAX_ENGINES:
+                _ENGINES.clear()
+            _ENGINES[self.digest] = state
         return state
 
     def evaluate(self, input_doc: Mapping[str, Any], reference: Mapping[str, Any]) -> tuple[Any, Any]:
         """Raw ``trust_claims`` and ``extensions`` values (None when undefined)."""
         text = json.dumps(input_doc)
-        state = self._state()
-        engine = state.engine
-        try:
-            state.load_reference(reference)
-            engine.set_input_json(text)
-            claims = engine.eval_rule(f"{PACKAGE}.trust_claims")
-            extensions = engine.eval_rule(f"{PACKAGE}.extensions") if self._has_extensions else None
-        except (RuntimeError, ValueError) as exc:
-            raise ProtocolError("AttestationError",
-                                f"appraisal policy evaluation failed: {_first_line(exc)}") from exc
-        return claims, extensions
+
+        def on_rego_thread() -> tuple[Any, Any]:
+            state = self._engine_here()
+            engine = state.engine
+            try:
+                state.load_reference(reference)
+                engine.set_input_json(text)
+                claims = engine.eval_rule(f"{PACKAGE}.trust_claims")
+                extensions = engine.eval_rule(f"{PACKAGE}.extensions") if self._has_extensions else None
+            except (RuntimeError, ValueError) as exc:
+                raise ProtocolError("AttestationError",
+                                    f"appraisal policy evaluation failed: {_first_line(exc)}") from None
+            return claims, extensions
+
+        return rego.run(on_rego_thread)
 
     def appraise(self, policy_id: str, input_doc: Mapping[str, Any],
                  reference: Mapping[str, Any]) -> Appraisal:

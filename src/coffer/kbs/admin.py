@@ -632,7 +632,7 @@ class _AdminApi:
     async def resource_policy_set(self, request: Request, identity: AdminIdentity) -> Response:
         body = await self.json_body(request, "resource policy request")
         text = _b64_text(body.get("policy"), "policy")
-        self.resource_policy.set(text)  # on the loop thread: regorus engines are bound to their thread
+        self.resource_policy.set(text)
         await self.audit(identity, "resource-policy", "resource policy set")
         return Response(status_code=200)
 

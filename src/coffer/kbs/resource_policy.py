@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from coffer._internal import rego
 from coffer._internal.clock import utc_now
 from coffer.errors import ProtocolError
 from coffer.kbs.store import NS_POLICIES, Store
@@ -78,7 +78,7 @@ def _short(exc: BaseException) -> str:
 
 def compile_policy(text: str, *, name: str = "resource-policy.rego") -> Any:
     """A regorus engine holding the policy; ProtocolError("PolicyEngineError") if it does not compile
-    or does not define ``data.policy.allow``."""
+    or does not define ``data.policy.allow``. Call it on the regorus thread only."""
     if len(text.encode()) > MAX_POLICY_BYTES:
         raise ProtocolError("PolicyEngineError", f"policy exceeds {MAX_POLICY_BYTES} bytes")
     engine = _regorus.Engine()
@@ -111,7 +111,6 @@ class ResourcePolicy:
         self._store = store
         self._clock = clock
         self._default = default
-        self._local = threading.local()
 
     def get(self) -> str:
         """The policy in force (the built-in default until one is set)."""
@@ -123,7 +122,7 @@ class ResourcePolicy:
 
     def set(self, text: str) -> None:
         """Validate (compile) and store a new policy for every replica."""
-        compile_policy(text)
+        validate_policy(text)
         self._store.put(NS_POLICIES, RESOURCE_POLICY_KEY, text.encode("utf-8"))
 
     def reset(self) -> bool:
@@ -133,25 +132,41 @@ class ResourcePolicy:
     def allows(self, claims: Mapping[str, Any], *, resource_path: tuple[str, str, str],
                query: Mapping[str, str] | None = None, plugin: str = "resource") -> bool:
         data = {"plugin": plugin, "resource-path": list(resource_path), "query": dict(query or {})}
-        try:
-            engine = self._engine(self.get())
-        except ProtocolError:
-            return False  # a stored policy that no longer compiles denies everything
-        return evaluate(engine, claims, data)
+        text = self.get()
 
-    def _engine(self, text: str) -> Any:
-        """This thread's compiled engine for ``text`` (a few recent texts are kept)."""
-        engines: OrderedDict[bytes, Any] | None = getattr(self._local, "engines", None)
-        if engines is None:
-            engines = OrderedDict()
-            self._local.engines = engines
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        engine = engines.get(digest)
-        if engine is not None:
-            engines.move_to_end(digest)
-            return engine
-        engine = compile_policy(text)
-        engines[digest] = engine
-        while len(engines) > 4:
-            engines.popitem(last=False)
+        def on_rego_thread() -> bool:
+            try:
+                engine = _engine_here(text)
+            except ProtocolError:
+                return False  # a stored policy that no longer compiles denies everything
+            return evaluate(engine, claims, data)
+
+        return rego.run(on_rego_thread)
+
+
+# Engines by policy digest, most recent last. Touched only on the regorus thread.
+_ENGINES: OrderedDict[bytes, Any] = OrderedDict()
+_MAX_ENGINES = 8
+rego.add_cleanup(_ENGINES.clear)
+
+
+def _engine_here(text: str) -> Any:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    engine = _ENGINES.get(digest)
+    if engine is not None:
+        _ENGINES.move_to_end(digest)
         return engine
+    engine = compile_policy(text)
+    _ENGINES[digest] = engine
+    while len(_ENGINES) > _MAX_ENGINES:
+        _ENGINES.popitem(last=False)
+    return engine
+
+
+def validate_policy(text: str) -> None:
+    """Compile ``text`` (on the regorus thread) or raise ProtocolError("PolicyEngineError")."""
+
+    def on_rego_thread() -> None:
+        _engine_here(text)
+
+    rego.run(on_rego_thread)
