@@ -175,3 +175,31 @@ def test_kbs_group_is_shared() -> None:
 
 def test_default_config_is_a_kbs_config() -> None:
     assert isinstance(KbsConfig(), KbsConfig)
+
+
+def test_master_key_defaults_to_a_generated_file_in_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coffer.kbs.app import resource_store_from_config
+
+    monkeypatch.delenv("COFFER_KBS_MASTER_KEY", raising=False)
+    state = tmp_path / "state"
+    config = KbsConfig(state_dir=state)
+    store = open_store(sqlite_url(tmp_path / "db.sqlite"))
+    try:
+        first = resource_store_from_config(config, store)
+        first.put("repo/type/tag", b"secret")
+        key_file = state / "master.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert state.stat().st_mode & 0o777 == 0o700
+        again = resource_store_from_config(config, store)  # reuses the key, does not replace it
+        assert again.get("repo/type/tag") == b"secret"
+    finally:
+        store.close()
+
+
+def test_master_key_from_env_is_not_replaced_by_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COFFER_KBS_MASTER_KEY", MasterKey.generate().hex())
+    assert KbsConfig(state_dir=tmp_path).master_key_path() is None

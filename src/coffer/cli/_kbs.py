@@ -118,12 +118,13 @@ def run_rotate(args: argparse.Namespace, out: Output) -> int:
     from coffer.kbs.open_store import open_store  # noqa: PLC0415
 
     config = _config(args)
-    old = MasterKey.load(config.master_key_file, config.master_key_env)
-    in_place = config.master_key_file is not None and args.new_key_file is None
+    key_file = config.master_key_path()
+    old = MasterKey.load(key_file, config.master_key_env)
+    in_place = key_file is not None and args.new_key_file is None
     if args.new_key_file is not None:
         target: Path = args.new_key_file
-    elif config.master_key_file is not None:
-        target = config.master_key_file.with_name(config.master_key_file.name + ".new")
+    elif key_file is not None:
+        target = key_file.with_name(key_file.name + ".new")
     else:
         raise UsageError(f"the master key comes from ${config.master_key_env}: give --new-key-file FILE")
     if target.exists():
@@ -140,10 +141,10 @@ def run_rotate(args: argparse.Namespace, out: Output) -> int:
         count = ResourceStore(store, old).rotate(new)
     finally:
         store.close()
-    if in_place and config.master_key_file is not None:
-        os.replace(target, config.master_key_file)
-        _fsync_dir(config.master_key_file.parent)
-        key_location = str(config.master_key_file)
+    if in_place and key_file is not None:
+        os.replace(target, key_file)
+        _fsync_dir(key_file.parent)
+        key_location = str(key_file)
     else:
         key_location = str(target)
     out.result({"resealed": count, "new_key_id": new.key_id.hex(), "old_key_id": old.key_id.hex(),

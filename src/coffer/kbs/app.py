@@ -381,10 +381,17 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def resource_store_from_config(config: KbsConfig, store: Store) -> ResourceStore:
     """The sealed resource store with the configured master key. While a key rotation is under way
     (``<key file>.new`` exists), values already re-sealed under the new key stay readable."""
-    master = MasterKey.load(config.master_key_file, config.master_key_env)
+    key_file = config.master_key_path()
+    if key_file is not None and config.master_key_file is None and not key_file.exists():
+        # Embedded default: a key of our own in the (owner-only) state directory.
+        key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        MasterKey.generate().write(key_file)
+        log.warning("generated a new KBS master key in %s (configure [master_key] for production)",
+                    key_file)
+    master = MasterKey.load(key_file, config.master_key_env)
     fallback: list[MasterKey] = []
-    if config.master_key_file is not None:
-        pending = config.master_key_file.with_name(config.master_key_file.name + ".new")
+    if key_file is not None:
+        pending = key_file.with_name(key_file.name + ".new")
         if pending.exists():
             fallback.append(MasterKey.load(pending))
     return ResourceStore(store, master, fallback_keys=fallback)

@@ -8,8 +8,9 @@ Example (all values shown are the defaults unless noted)::
     max_body_bytes = 2097152
 
     [master_key]
-    file = "/etc/coffer/kbs-master.key"          # 32 bytes, raw or hex; default: none
+    file = "/etc/coffer/kbs-master.key"          # 32 bytes, raw or hex
     env = "COFFER_KBS_MASTER_KEY"                 # read when no file is configured
+    # With neither, <state_dir>/master.key is used, generated (mode 0600) on the first start.
 
     [sessions]
     timeout_seconds = 300
@@ -128,6 +129,15 @@ class KbsConfig:
     resource_policy_file: Path | None = None
     attestation_policy_files: Mapping[str, Path] = field(default_factory=dict)
     collateral: CollateralConfig = field(default_factory=CollateralConfig)
+
+    def master_key_path(self) -> Path | None:
+        """The master key file in force: the configured one; else, when the environment variable
+        is not set either, ``<state_dir>/master.key`` (the embedded default, created on first start)."""
+        if self.master_key_file is not None:
+            return self.master_key_file
+        if os.environ.get(self.master_key_env):
+            return None
+        return self.state_dir / "master.key"
     admin: AdminConfig | None = None  # None: every admin request is refused
 
     @property
