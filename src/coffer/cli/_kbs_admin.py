@@ -216,6 +216,11 @@ def run_keygen(args: argparse.Namespace, out: Output) -> int:
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     out_dir: Path = args.out_dir
+    if not out_dir.exists():
+        try:
+            out_dir.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {out_dir}: {exc.strerror}") from exc
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} is not a directory")
     private_path = out_dir / f"{args.name}.key"
