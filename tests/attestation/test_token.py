@@ -116,6 +116,31 @@ def test_rejects_flipped_signature_byte(signer: TokenSigner) -> None:
     assert "does not verify" in _rejected(TokenVerifier(signer.jwks()), f"{head}.{body}.{b64url(bytes(raw))}")
 
 
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _flip_unused_bit(segment: str) -> str:
+    # 64 signature bytes fill 85 characters and 2 bits of the 86th: its lowest bit is unused.
+    return segment[:-1] + _B64URL_ALPHABET[_B64URL_ALPHABET.index(segment[-1]) ^ 1]
+
+
+@pytest.mark.parametrize("respell", [
+    pytest.param(_flip_unused_bit, id="unused-trailing-bit"),
+    pytest.param(lambda sig: sig[:10] + "!" + sig[10:], id="character-outside-alphabet"),
+    pytest.param(lambda sig: sig[:10] + "\t" + sig[10:], id="tab-inside"),
+])
+def test_rejects_non_canonical_signature_encoding(signer: TokenSigner, respell: Any) -> None:
+    """Regression (found by tests/e2e): the decoder skipped characters outside the base64url
+    alphabet and ignored the unused bits of the last character, so one signed token was accepted
+    under many spellings."""
+    token = signer.issue(CLAIMS)
+    header, payload, signature = token.split(".")
+    respelled = f"{header}.{payload}.{respell(signature)}"
+    assert respelled != token
+    assert "base64url" in _rejected(TokenVerifier(signer.jwks()), respelled)
+    assert TokenVerifier(signer.jwks()).verify(token, now=NOW) == CLAIMS
+
+
 def test_rejects_altered_payload(signer: TokenSigner) -> None:
     token = signer.issue(CLAIMS)
     head, _, sig = token.split(".")

@@ -45,9 +45,14 @@ def b64url_decode(text: str, what: str = "token") -> bytes:
     if not isinstance(text, str) or any(c in text for c in "+/= \n"):
         raise ProtocolError("TokenVerifierError", f"{what} is not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError("TokenVerifierError", f"{what} is not base64url") from exc
+    # The decoder skips characters outside the alphabet and ignores the unused low bits of the last
+    # character: accept only the one canonical spelling, so a token has a single string form.
+    if b64url(raw) != text:
+        raise ProtocolError("TokenVerifierError", f"{what} is not canonical base64url")
+    return raw
 
 
 def _compact(obj: Any) -> bytes:
