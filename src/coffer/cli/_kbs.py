@@ -7,6 +7,7 @@ both call :func:`kbs_commands` to get (or create) the group's sub-command table.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -59,6 +60,8 @@ def register(groups: Any) -> None:
     _common(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes sharing the listening socket and the store (default 1)")
     serve.set_defaults(handler=run_serve)
 
     rotate = commands.add_parser("rotate-master-key", help="re-seal every resource under a new master key",
@@ -77,40 +80,78 @@ def _config(args: argparse.Namespace) -> KbsConfig:
     return config.with_overrides(db=args.db, listen=getattr(args, "listen", None))
 
 
-def run_serve(args: argparse.Namespace, out: Output) -> int:
-    import uvicorn  # noqa: PLC0415  (only the server needs it)
-
+def _build_server_app(config: KbsConfig, store: Any, *, install_policies: bool) -> Any:
+    """The ASGI app over ``store``; with ``install_policies`` the configured policy files are stored
+    first (done once, by the parent process, when there are several workers)."""
     from coffer.attestation.service import AttestationService  # noqa: PLC0415
     from coffer.evidence.sources import CollateralSettings, build_collateral_source  # noqa: PLC0415
     from coffer.kbs.app import build_app, resource_store_from_config  # noqa: PLC0415
-    from coffer.kbs.open_store import open_store  # noqa: PLC0415
     from coffer.kbs.resource_policy import ResourcePolicy  # noqa: PLC0415
 
-    config = _config(args)
-    host, port = config.host_port
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = open_store(config.db_url)
-    try:
-        resources = resource_store_from_config(config, store)
-        if not resources.check_master_key():
-            raise ConfigError("the configured master key does not open the stored resources "
-                              "(wrong key, or an unfinished rotation whose new key file is missing)")
-        collateral = build_collateral_source(CollateralSettings(
-            endorsements=config.collateral.endorsements, collateral_dir=config.collateral.collateral_dir,
-            fetch=config.collateral.fetch, cache_dir=config.collateral.cache_dir))
-        attestation = AttestationService(store, collateral=collateral, token_ttl=config.token_ttl)
-        policy = ResourcePolicy(store)
+    resources = resource_store_from_config(config, store)
+    if install_policies and not resources.check_master_key():
+        raise ConfigError("the configured master key does not open the stored resources "
+                          "(wrong key, or an unfinished rotation whose new key file is missing)")
+    collateral = build_collateral_source(CollateralSettings(
+        endorsements=config.collateral.endorsements, collateral_dir=config.collateral.collateral_dir,
+        fetch=config.collateral.fetch, cache_dir=config.collateral.cache_dir))
+    attestation = AttestationService(store, collateral=collateral, token_ttl=config.token_ttl)
+    policy = ResourcePolicy(store)
+    if install_policies:
         if config.resource_policy_file is not None:
             policy.set(_read_text(config.resource_policy_file, "resource policy"))
         for policy_id, path in config.attestation_policy_files.items():
             attestation.set_policy(policy_id, _read_text(path, f"attestation policy {policy_id}"))
-        app = build_app(config, store=store, attestation=attestation, clock=utc_now, resources=resources,
-                        resource_policy=policy)
-        uvicorn.run(app, host=host, port=port, log_level=args.log_level, server_header=False,
-                    proxy_headers=False, timeout_graceful_shutdown=10)
+    return build_app(config, store=store, attestation=attestation, clock=utc_now, resources=resources,
+                     resource_policy=policy)
+
+
+# With --workers N, uvicorn starts N processes that import :func:`worker_app`; the parent passes them
+# the configuration through this environment variable.
+_WORKER_ENV = "COFFER_KBS_WORKER_ARGS"
+
+
+def worker_app() -> Any:
+    """The app of one ``--workers`` process (a uvicorn factory)."""
+    from coffer.kbs.open_store import open_store  # noqa: PLC0415
+
+    raw = json.loads(os.environ[_WORKER_ENV])
+    config = load_config(Path(raw["config"]) if raw["config"] else None)
+    config = config.with_overrides(db=raw["db"], listen=raw["listen"])
+    logging.basicConfig(level=raw["log_level"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    return _build_server_app(config, open_store(config.db_url), install_policies=False)
+
+
+def run_serve(args: argparse.Namespace, out: Output) -> int:
+    import uvicorn  # noqa: PLC0415  (only the server needs it)
+
+    from coffer.kbs.open_store import open_store  # noqa: PLC0415
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    config = _config(args)
+    host, port = config.host_port
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level,
+                               "server_header": False, "proxy_headers": False,
+                               "timeout_graceful_shutdown": 10}
+    store = open_store(config.db_url)
+    try:
+        app = _build_server_app(config, store, install_policies=True)
+        if args.workers == 1:
+            uvicorn.run(app, **options)
+            return 0
     finally:
         store.close()
+    # Several processes: the parent has checked the key and installed the policies; each worker
+    # builds its own app over its own store connection (sessions are in the store, so any worker
+    # can serve any step of a handshake).
+    os.environ[_WORKER_ENV] = json.dumps({
+        "config": str(args.config.resolve()) if args.config else None, "db": args.db,
+        "listen": getattr(args, "listen", None), "log_level": args.log_level})
+    uvicorn.run("coffer.cli._kbs:worker_app", factory=True, workers=args.workers, **options)
     return 0
 
 

@@ -215,11 +215,10 @@ class KbsApp:
     async def auth(self, request: Request) -> Response:
         body = await read_body(request, self.config.max_body_bytes)
         kbs_request = parse_request(body)
-        session_id, challenge = self.sessions.begin(kbs_request)
-        expires_at = self.sessions.expires_at(session_id) or self.now() + self.sessions.timeout
+        session, challenge = self.sessions.begin_session(kbs_request)
         log.info("auth: new session for tee %s", kbs_request.tee)
         return JSONResponse(challenge.to_json(),
-                            headers={"set-cookie": _session_cookie(session_id, expires_at)})
+                            headers={"set-cookie": _session_cookie(session.id, session.expires_at)})
 
     async def attest(self, request: Request) -> Response:
         session_id = request.cookies.get(SESSION_COOKIE)
@@ -229,9 +228,9 @@ class KbsApp:
             raise attest_failed("session not found or expired")
         body = await read_body(request, self.config.max_body_bytes)
         attestation = parse_attestation(body)
-        token = self.sessions.attest(session_id, attestation, self._verify)
-        expires_at = self.sessions.expires_at(session_id) or self.now()
-        return JSONResponse({"token": token}, headers={"set-cookie": _session_cookie(session_id, expires_at)})
+        session = self.sessions.attest_session(session_id, attestation, self._verify)
+        return JSONResponse({"token": session.token},
+                            headers={"set-cookie": _session_cookie(session_id, session.expires_at)})
 
     def _verify(self, session: Session, attestation: Attestation) -> str:
         runtime_data = attestation.primary_runtime_data()
@@ -268,14 +267,22 @@ class KbsApp:
         repo, kind, tag = parse_resource_path(path)
         path = f"{repo}/{kind}/{tag}"
         token = _bearer(request)
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if token is None and not session_id:
+            raise ProtocolError("TokenNotFound", "Attestation Token not found")
+        query = dict(request.query_params.items())
+        wrapped = self._release((repo, kind, tag), token, session_id, query)
+        return JSONResponse(wrapped)
+
+    def _release(self, resource_path: tuple[str, str, str], token: str | None, session_id: str | None,
+                 query: dict[str, str]) -> dict[str, Any]:
+        repo, kind, tag = resource_path
+        path = f"{repo}/{kind}/{tag}"
         if token is None:
-            session_id = request.cookies.get(SESSION_COOKIE)
-            if not session_id:
-                raise ProtocolError("TokenNotFound", "Attestation Token not found")
+            assert session_id is not None
             token = self.sessions.token_for(session_id)
         claims = self.token_verifier().verify(token, now=self.now())
         who = identifying_claims(claims)
-        query = dict(request.query_params.items())
         if not self.resource_policy.allows(claims, resource_path=(repo, kind, tag), query=query):
             self.audit("deny", path, "denied", detail="resource policy", claims=who)
             log.info("resource %s denied by policy", path)
@@ -291,7 +298,7 @@ class KbsApp:
             raise
         self.audit("release", path, "allowed", claims=who)
         log.info("resource %s released", path)
-        return JSONResponse(wrapped)
+        return wrapped
 
     async def other_plugin(self, request: Request) -> Response:
         name = request.path_params["rest"].split("/", 1)[0]

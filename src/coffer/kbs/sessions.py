@@ -7,12 +7,19 @@ same session, or a replay of the same evidence, is refused. A failed attestation
 
 The table is bounded: when ``max_sessions`` live sessions exist, expired ones are purged, and if the
 table is still full ``/auth`` is refused (401 ``AttestationError``) instead of growing without limit.
+Counting live sessions scans the table, so it is not done on every ``/auth``: the manager keeps the
+last exact count plus the sessions it created since, and counts again when that is more than
+``COUNT_REFRESH_SECONDS`` old or reaches ``EXACT_COUNT_FRACTION`` of the bound (from there on every
+``/auth`` counts). One replica alone therefore never exceeds the bound; replicas sharing a store can
+overshoot it only by what the others create within one refresh interval.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +36,10 @@ AUTHED = "authed"
 ATTESTING = "attesting"
 ATTESTED = "attested"
 
+# The live-session count is re-read from the store at most this often while the table is far from
+# full (counting is a scan of the table, far too slow for every /auth); see SessionManager.
+COUNT_REFRESH_SECONDS = 0.5
+EXACT_COUNT_FRACTION = 0.9
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +86,9 @@ class SessionManager:
         self._clock = clock
         self.timeout = timeout
         self.max_sessions = max_sessions
+        self._count_lock = threading.Lock()
+        self._live_estimate = 0
+        self._counted_at = -float("inf")
 
     def _now(self) -> datetime:
         return as_utc(self._clock())
@@ -83,12 +97,32 @@ class SessionManager:
 
     def begin(self, request: Request) -> tuple[str, Challenge]:
         """A new session for ``request``: (cookie value, challenge)."""
-        now = self._now()
-        if self._store.count(NS_SESSIONS, now=now) >= self.max_sessions:
+        session, challenge = self.begin_session(request)
+        return session.id, challenge
+
+    def _admit(self, now: datetime) -> None:
+        """Refuse a new session when the table is full (see the module docstring)."""
+        tick = time.monotonic()
+        with self._count_lock:
+            if (tick - self._counted_at < COUNT_REFRESH_SECONDS
+                    and self._live_estimate < self.max_sessions * EXACT_COUNT_FRACTION):
+                self._live_estimate += 1
+                return
+        live = self._store.count(NS_SESSIONS, now=now)
+        if live >= self.max_sessions:
             self._store.purge_expired(NS_SESSIONS, now=now)
-            if self._store.count(NS_SESSIONS, now=now) >= self.max_sessions:
-                raise ProtocolError("AttestationError",
-                                    "Attestation error: RCAR handshake Auth failed: too many sessions")
+            live = self._store.count(NS_SESSIONS, now=now)
+        with self._count_lock:
+            self._live_estimate = live + 1
+            self._counted_at = tick
+        if live >= self.max_sessions:
+            raise ProtocolError("AttestationError",
+                                "Attestation error: RCAR handshake Auth failed: too many sessions")
+
+    def begin_session(self, request: Request) -> tuple[Session, Challenge]:
+        """Like :meth:`begin`, returning the stored session (for its expiry)."""
+        now = self._now()
+        self._admit(now)
         challenge = Challenge(nonce=make_nonce(), extra_params="")
         while True:
             session = Session(id=uuid.uuid4().hex, state=AUTHED, tee=request.tee, version=request.version,
@@ -97,7 +131,7 @@ class SessionManager:
             created = self._store.create(NS_SESSIONS, session.id, session.to_bytes(),
                                          expires_at=session.expires_at, now=now)
             if created is not None:
-                return session.id, challenge
+                return session, challenge
 
     def expires_at(self, session_id: str) -> datetime | None:
         found = self._load(session_id)
@@ -109,6 +143,13 @@ class SessionManager:
                verify: Callable[[Session, Attestation], str]) -> str:
         """Check the nonce, consume the session's challenge, run ``verify`` (which returns the token)
         and record the token. Any failure leaves the session unusable."""
+        token = self.attest_session(session_id, attestation, verify).token
+        assert token is not None
+        return token
+
+    def attest_session(self, session_id: str, attestation: Attestation,
+                       verify: Callable[[Session, Attestation], str]) -> Session:
+        """Like :meth:`attest`, returning the attested session (token and expiry)."""
         found = self._load(session_id)
         if found is None:
             raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session not found or expired")
@@ -136,7 +177,7 @@ class SessionManager:
                                              expires_at=session.expires_at)
         if stored is None:  # deleted or expired meanwhile; the token itself is still valid
             raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session expired during attestation")
-        return token
+        return done
 
     # -- resource requests ---------------------------------------------------------------------------
 

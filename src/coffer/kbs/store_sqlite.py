@@ -1,7 +1,8 @@
 """The embedded :class:`~coffer.kbs.store.Store`: one SQLite file in the server's state directory.
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``, so a write the store has returned
-from survives a crash of the process or of the machine (every commit is fsynced). Each thread gets its
+from survives a crash of the process or of the machine (every commit is fsynced, except those of
+session records, see ``SqliteStore._write``). Each thread gets its
 own connection (SQLite connections are not meant to be shared); writers serialise on SQLite's database
 lock, waiting up to ``busy_timeout`` seconds, which also makes several processes on one file safe
 (every conditional write is one statement, so compare-and-set is atomic across processes too).
@@ -13,6 +14,7 @@ The state directory is created ``0700`` and the database file ``0600`` (SQLite g
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -27,11 +29,13 @@ from coffer._internal.clock import as_utc
 from coffer._internal.encoding import to_jsonable
 from coffer.errors import StorageError
 from coffer.kbs import migrations
-from coffer.kbs.store import AuditEvent, Entry
+from coffer.kbs.store import NS_SESSIONS, AuditEvent, Entry
 
 T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Namespaces whose writes are not fsynced on their own (see SqliteStore._write).
+RELAXED_NAMESPACES = frozenset({NS_SESSIONS})
 _DRIVER_ERRORS = (sqlite3.Error, OSError, UnicodeError, OverflowError, ValueError)
 
 
@@ -55,8 +59,12 @@ class SqliteStore:
         self._local = threading.local()
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._closed = False
+        self._thread_write_lock = threading.Lock()
+        self._lock_fd: int | None = None
         try:
             _prepare_file(self._path)
+            self._lock_fd = os.open(self._path.with_name(self._path.name + "-writer.lock"),
+                                    os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create the SQLite database {self._path}: "
                                f"{exc.strerror or exc}") from exc
@@ -106,6 +114,41 @@ class SqliteStore:
             self._connections[threading.current_thread()] = conn
         self._local.conn = conn
         return conn
+
+    def _write(self, what: str, action: Callable[[sqlite3.Connection], T], namespace: str = "") -> T:
+        """Run a writing statement holding the cross-process writer lock. Writers of several processes
+        queue on an flock instead of SQLite's busy handler, which sleeps in steps of milliseconds.
+
+        Session records (short-lived, re-creatable by a new handshake) are committed without an fsync
+        of their own (``synchronous=NORMAL``): they survive a crash of the process, and become durable
+        against a machine crash with the next fully synchronous commit (resources, keys, policies,
+        audit events), which fsyncs the write-ahead log they are in."""
+        relaxed = namespace in RELAXED_NAMESPACES
+
+        def run(conn: sqlite3.Connection) -> T:
+            if not relaxed:
+                return action(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                return action(conn)
+            finally:
+                conn.execute("PRAGMA synchronous = FULL")
+
+        with self._writer_lock():
+            return self._run(what, run)
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Any:
+        fd = self._lock_fd
+        with self._thread_write_lock:
+            if fd is None:
+                yield
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _run(self, what: str, action: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -174,7 +217,7 @@ class SqliteStore:
                 "RETURNING version",
                 (namespace, key, bytes(value), _micros_or_none(expires_at))).fetchall()
             return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
-        return self._run("put", action)
+        return self._write("put", action, namespace)
 
     def create(self, namespace: str, key: str, value: bytes, *, expires_at: datetime | None = None,
                now: datetime) -> Entry | None:
@@ -190,7 +233,7 @@ class SqliteStore:
             if not rows:
                 return None
             return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
-        return self._run("create", action)
+        return self._write("create", action, namespace)
 
     def compare_and_set(self, namespace: str, key: str, value: bytes, *, expected_version: int,
                         expires_at: datetime | None = None) -> Entry | None:
@@ -202,13 +245,13 @@ class SqliteStore:
             if not rows:
                 return None
             return Entry(key=key, value=bytes(value), version=int(rows[0][0]), expires_at=expires_at)
-        return self._run("compare-and-set", action)
+        return self._write("compare-and-set", action, namespace)
 
     def delete(self, namespace: str, key: str) -> bool:
         def action(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute("DELETE FROM coffer_kv WHERE namespace = ? AND key = ?", (namespace, key))
             return cursor.rowcount > 0
-        return self._run("delete", action)
+        return self._write("delete", action, namespace)
 
     def list_entries(self, namespace: str, *, prefix: str = "", now: datetime,
                      limit: int = 1000) -> list[Entry]:
@@ -235,7 +278,7 @@ class SqliteStore:
             cursor = conn.execute("DELETE FROM coffer_kv WHERE namespace = ? AND expires_at <= ?",
                                   (namespace, to_micros(now)))
             return max(cursor.rowcount, 0)
-        return self._run("purge", action)
+        return self._write("purge", action, namespace)
 
     def append_audit(self, event: AuditEvent) -> AuditEvent:
         claims = dict(event.claims)
@@ -249,7 +292,7 @@ class SqliteStore:
                  encoded)).fetchall()
             return AuditEvent(at=event.at, action=event.action, subject=event.subject, outcome=event.outcome,
                               detail=event.detail, claims=claims, id=int(rows[0][0]))
-        return self._run("audit append", action)
+        return self._write("audit append", action)
 
     def query_audit(self, *, since: datetime | None = None, until: datetime | None = None,
                     subject: str | None = None, action: str | None = None,
@@ -288,6 +331,10 @@ class SqliteStore:
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        with self._thread_write_lock:
+            fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
         self._local = threading.local()
 
 
