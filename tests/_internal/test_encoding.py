@@ -3,8 +3,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import json
+import tomllib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -84,6 +86,19 @@ def test_to_jsonable_renders_bytes_as_lowercase_hex() -> None:
     assert to_jsonable(value) == {
         "data": "abcd", "colour": "red", "when": "2025-01-02T00:00:00Z", "nested": {"k": "01"},
     }
+
+
+def test_to_jsonable_converts_toml_local_dates_and_times_with_isoformat() -> None:
+    # tomllib gives datetime.date / datetime.time for local dates and times: json.dumps broke on them.
+    doc = tomllib.loads("d = 1979-05-27\nt = 07:32:00.5\nl = 1979-05-27T07:32:00\n"
+                        "o = 1979-05-27T07:32:00-07:00\n")
+    out = to_jsonable(doc)
+    assert out == {"d": "1979-05-27", "t": "07:32:00.500000", "l": "1979-05-27T07:32:00",
+                   "o": "1979-05-27T07:32:00-07:00"}
+    json.dumps(out)
+    assert to_jsonable([date(2025, 1, 2), time(1, 2, 3, tzinfo=timezone(timedelta(hours=1)))]) == [
+        "2025-01-02", "01:02:03+01:00"]
+    assert to_jsonable(datetime(2025, 1, 2, tzinfo=UTC)) == "2025-01-02T00:00:00Z"
 
 
 @settings(max_examples=200, deadline=None)

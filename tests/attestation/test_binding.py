@@ -12,9 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coffer.attestation.binding import (
+    MAX_INITDATA_DEPTH,
     canonical_json,
+    check_nesting,
     initdata_digest,
     initdata_expected,
+    parse_initdata,
     pcr8_for_initdata,
     report_data_for,
     runtime_data_digest,
@@ -120,6 +123,40 @@ def test_initdata_digest_uses_the_declared_algorithm() -> None:
 def test_initdata_rejects_bad_documents(body: bytes) -> None:
     with pytest.raises(FormatError):
         initdata_digest(body)
+
+
+@pytest.mark.parametrize("body", [
+    b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n",  # tomllib hits the recursion limit
+    b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000 + b"\n",
+    b"a = " + b"[" * (MAX_INITDATA_DEPTH + 1) + b"]" * (MAX_INITDATA_DEPTH + 1) + b"\n",
+])
+def test_initdata_rejects_deep_nesting_without_recursion_error(body: bytes) -> None:
+    with pytest.raises(FormatError, match="initdata"):
+        parse_initdata(body)
+    with pytest.raises(FormatError):
+        initdata_digest(b'algorithm = "sha256"\n' + body)
+
+
+def test_initdata_accepts_nesting_up_to_the_cap() -> None:
+    depth = MAX_INITDATA_DEPTH - 1  # the document table itself is one level
+    parse_initdata(b"a = " + b"[" * depth + b"]" * depth + b"\n")
+
+
+@pytest.mark.parametrize("body", [b"x = inf\n", b"x = -inf\n", b"x = nan\n", b"[t]\ny = [1.0, inf]\n"])
+def test_initdata_rejects_non_finite_numbers(body: bytes) -> None:
+    with pytest.raises(FormatError, match="non-finite"):
+        parse_initdata(body)
+
+
+def test_check_nesting_is_iterative() -> None:
+    deep: list[Any] = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(FormatError, match="deeper than 32"):
+        check_nesting(deep, "x")
+    check_nesting({"a": [{"b": 1.5}]}, "x")
 
 
 def test_initdata_registers() -> None:

@@ -23,7 +23,8 @@ from coffer.errors import FormatError, ProtocolError
 M = "aa" * 48
 TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
 SNP = {"tee": "snp", "insecure": False, "measurement": M, "reported_tcb": TCB,
-       "policy": {"debug": False}, "host_data": "00" * 32, "guest_svn": 1, "id_key_digest": "00" * 48}
+       "policy": {"debug": False}, "host_data": "00" * 32, "guest_svn": 1, "id_key_digest": "00" * 48,
+       "vmpl": 0}
 TDX = {"tee": "tdx", "insecure": False, "mr_td": "01" * 48, "rtmr0": "02" * 48, "rtmr1": "02" * 48,
        "rtmr2": "02" * 48, "rtmr3": "02" * 48, "mr_seam": "03" * 48, "tcb_status": "UpToDate",
        "debug": False, "xfam": "e742060000000000", "mr_config_id": "00" * 48, "mr_owner": "00" * 48,
@@ -137,14 +138,47 @@ def test_tpm_needs_trusted_ak_and_registered_pcrs() -> None:
 
 
 def test_azure_needs_measurement_and_registered_pcrs() -> None:
-    assert appraise("az-snp-vtpm", AZ_SNP, {"measurement": [M]})["status"] == "affirming"
     good, bad = {"measurement": [M], "pcr11": ["0b" * 32]}, {"measurement": [M], "pcr11": ["ff" * 32]}
     assert appraise("az-snp-vtpm", AZ_SNP, good)["status"] == "affirming"
     assert appraise("az-snp-vtpm", AZ_SNP, bad)["executables"] == 33
     assert appraise("az-snp-vtpm", AZ_SNP, {"pcr11": ["0b" * 32]})["executables"] == 33
-    assert appraise("az-tdx-vtpm", AZ_TDX, {"mr_td": ["01" * 48]})["status"] == "affirming"
+    tdx_ref = {"mr_td": ["01" * 48], "pcr4": ["04" * 32]}
+    assert appraise("az-tdx-vtpm", AZ_TDX, tdx_ref)["status"] == "affirming"
     insecure = changed(AZ_TDX, "insecure", True)
     assert appraise("az-tdx-vtpm", insecure, {"mr_td": ["01" * 48]})["hardware"] == 97
+
+
+@pytest.mark.parametrize(("tee", "claims", "launch"), [("az-snp-vtpm", AZ_SNP, {"measurement": [M]}),
+                                                       ("az-tdx-vtpm", AZ_TDX, {"mr_td": ["01" * 48]})])
+def test_azure_vtpm_not_affirmed_on_paravisor_measurement_alone(
+        tee: str, claims: dict[str, Any], launch: dict[str, Any]) -> None:
+    # The paravisor's launch measurement does not cover the guest's boot chain: without a registered
+    # PCR nothing vouches for what the vTPM measured.
+    alone = appraise(tee, claims, launch)
+    assert (alone["status"], alone["executables"]) == ("warning", 33)
+    assert appraise(tee, claims, {**launch, "pcr11": ["0b" * 32]})["status"] == "affirming"
+    # Every registered PCR must match, not just one of them.
+    mixed = {**launch, "pcr11": ["0b" * 32], "pcr4": ["ff" * 32]}
+    assert appraise(tee, claims, mixed)["executables"] == 33
+
+
+@pytest.mark.parametrize("vmpl", [1, 2, 3])
+def test_snp_report_from_nonzero_vmpl_is_not_affirming(vmpl: int) -> None:
+    ref = {"measurement": [M]}
+    assert appraise("snp", SNP, ref)["status"] == "affirming"
+    out = appraise("snp", changed(SNP, "vmpl", vmpl), ref)
+    assert out["status"] == "contraindicated"
+    assert out["hardware"] == 32
+    assert out["configuration"] == 96
+    az = appraise("az-snp-vtpm", changed(AZ_SNP, "snp.vmpl", vmpl), {**ref, "pcr11": ["0b" * 32]})
+    assert az["status"] == "contraindicated"
+
+
+def test_snp_report_without_vmpl_is_not_affirming() -> None:
+    claims = {k: v for k, v in SNP.items() if k != "vmpl"}
+    out = appraise("snp", claims, {"measurement": [M]})
+    assert out["status"] != "affirming"
+    assert (out["hardware"], out["configuration"]) == (32, 36)
 
 
 # --- tiers -----------------------------------------------------------------------------------------
@@ -191,6 +225,16 @@ def test_custom_policy_with_query_reference_value_and_extensions() -> None:
 def test_invalid_policies_are_refused(text: str) -> None:
     with pytest.raises(FormatError):
         validate_policy(text)
+
+
+@pytest.mark.parametrize("name", ["ear.status", "ear.trustworthiness-vector", "ear.appraisal-policy-id",
+                                  "ear.veraison.annotated-evidence", "ear.anything"])
+def test_policy_extension_cannot_overwrite_ear_status(name: str) -> None:
+    policy = CompiledPolicy('package policy\nimport rego.v1\ntrust_claims := {"hardware": 97}\n'
+                            f'extensions := [{{"name": "{name}", "key": "x", "value": "affirming"}}]\n')
+    with pytest.raises(ProtocolError, match="reserved") as info:
+        policy.appraise("p", {"snp": SNP}, {})
+    assert info.value.kind == "AttestationError"
 
 
 @pytest.mark.parametrize(("body", "fragment"), [

@@ -183,6 +183,30 @@ def test_rvps_message_bytes_and_explicit_expiry(registry: ReferenceValues) -> No
     assert rv.records[0].expires_at.year == 2027
 
 
+def test_rvps_expiry_and_expiration_together_are_metadata(registry: ReferenceValues) -> None:
+    # Both keys present used to leave "expiration" behind as a reference value.
+    stamp = "2027-01-01T00:00:00Z"
+    (rv,) = registry.ingest_rvps(_rvps({"mr_td": ["01" * 48], "expiry": stamp, "expiration": stamp}))
+    assert rv.name == "mr_td"
+    assert rv.records[0].expires_at is not None
+    assert rv.records[0].expires_at.year == 2027
+    assert registry.get("expiration") is None
+    assert registry.get("expiry") is None
+    (only,) = registry.ingest_rvps(_rvps({"mr_seam": ["02" * 48], "expiration": "2028-01-01T00:00:00+00:00"}))
+    assert only.records[0].expires_at is not None
+    assert only.records[0].expires_at.year == 2028
+
+
+def test_rvps_rejects_conflicting_expiry_and_expiration(registry: ReferenceValues) -> None:
+    with pytest.raises(FormatError, match="different times"):
+        registry.ingest_rvps(_rvps({"mr_td": ["01" * 48], "expiry": "2027-01-01T00:00:00Z",
+                                    "expiration": "2028-01-01T00:00:00Z"}))
+    with pytest.raises(FormatError, match="expiration is not"):
+        registry.ingest_rvps(_rvps({"mr_td": ["01" * 48], "expiry": "2027-01-01T00:00:00Z",
+                                    "expiration": ""}))
+    assert registry.list() == []
+
+
 @pytest.mark.parametrize("message", [
     _rvps({"x": ["1"]}, version="0.2.0"),
     _rvps({"x": ["1"]}, type="corim"),

@@ -97,10 +97,12 @@ def test_rejects_sample_evidence_bound_to_another_nonce() -> None:
             service().attest(tee="sample", primary_evidence=evidence, runtime_data=other)
 
 
-def test_rejects_evidence_bound_without_the_additional_evidence() -> None:
-    with pytest.raises(VerificationError):
+def test_rejects_unverified_additional_evidence() -> None:
+    # Device evidence is not verified yet: refused outright, never copied into the token.
+    with pytest.raises(ProtocolError, match="additional device evidence is not supported yet") as info:
         service().attest(tee="sample", primary_evidence=trustee_sample(), runtime_data=RUNTIME,
                          additional_evidence='{"nvidia":{}}')
+    assert info.value.kind == "AttestationError"
 
 
 def test_rejects_runtime_data_naming_other_additional_evidence() -> None:
@@ -164,6 +166,98 @@ def test_bad_init_data_is_an_attestation_error(init: InitData) -> None:
     with pytest.raises(ProtocolError):
         service().attest(tee="sample", primary_evidence=_signed_sample(init=INIT_DIGEST),
                          runtime_data=RUNTIME, init_data=init)
+
+
+def _attest_with_init_data(body: str) -> Any:
+    digest = hashlib.sha384(body.encode()).digest()  # not initdata_digest: it parses the body
+    return service().attest(tee="sample", primary_evidence=_signed_sample(init=digest),
+                            runtime_data=RUNTIME, init_data=InitData(format="toml", body=body))
+
+
+_HEAD = 'version = "0.1.0"\nalgorithm = "sha384"\n[data]\n'
+_ML = "'''"  # TOML multi-line literal string delimiter
+
+
+@pytest.mark.parametrize("body", [
+    "a = " + "[" * 5000 + "]" * 5000 + "\n",  # beyond tomllib's recursion limit
+    _HEAD + "deep = " + "[" * 40 + "]" * 40 + "\n",  # parses, but over the depth cap
+    _HEAD + f'"policy.rego" = {_ML}\npolicy_data := ' + "[" * 100000 + f"\n{_ML}\n",  # json recursion
+    _HEAD + f'"policy.rego" = {_ML}\npolicy_data := ' + "[" * 40 + "]" * 40 + f"\n{_ML}\n",
+    _HEAD + f'"aa.toml" = {_ML}\nx = ' + "[" * 5000 + "]" * 5000 + f"\n{_ML}\n",
+    _HEAD + f'"cdh.toml" = {_ML}\nx = ' + "[" * 40 + "]" * 40 + f"\n{_ML}\n",
+])
+def test_rejects_deeply_nested_init_data_as_attestation_error(body: str) -> None:
+    # Was an unauthenticated 500 (RecursionError): now the ordinary bad-request path.
+    with pytest.raises(ProtocolError) as info:
+        _attest_with_init_data(body)
+    assert info.value.kind == "AttestationError"
+    assert "init-data" in info.value.detail
+
+
+@pytest.mark.parametrize("body", [_HEAD + "x = inf\n", _HEAD + "x = nan\n",
+                                  _HEAD + '"policy.rego" = "policy_data := [Infinity]"\n',
+                                  _HEAD + '"aa.toml" = "x = -inf"\n'])
+def test_rejects_init_data_with_non_finite_numbers(body: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        _attest_with_init_data(body)
+    assert info.value.kind == "AttestationError"
+
+
+def test_init_data_toml_dates_and_times_become_iso_strings() -> None:
+    body = (_HEAD + "day = 1979-05-27\nclock = 07:32:00\nlocal = 1979-05-27T07:32:00\n"
+            'zoned = 1979-05-27T07:32:00Z\n"aa.toml" = "d = 1979-05-27"\n')
+    result = _attest_with_init_data(body)
+    claims = cpu0(result.claims)["ear.veraison.annotated-evidence"]["init_data_claims"]
+    assert claims == {"day": "1979-05-27", "clock": "07:32:00", "local": "1979-05-27T07:32:00",
+                      "zoned": "1979-05-27T07:32:00Z", "aa.toml": {"d": "1979-05-27"}}
+    json.dumps(result.claims, allow_nan=False)  # the token payload is plain JSON
+
+
+def test_policy_extension_cannot_overwrite_ear_status() -> None:
+    svc = service()
+    svc.set_policy("default", 'package policy\nimport rego.v1\ntrust_claims := {"hardware": 97}\n'
+                              'extensions := [{"name": "ear.status", "key": "x", "value": "affirming"}]\n')
+    with pytest.raises(ProtocolError, match="reserved") as info:
+        svc.attest(tee="sample", primary_evidence=trustee_sample(), runtime_data=RUNTIME)
+    assert info.value.kind == "AttestationError"
+
+
+def test_policy_extensions_never_win_over_the_services_claims() -> None:
+    svc = service()
+    svc.set_policy("default", 'package policy\nimport rego.v1\ntrust_claims := {"hardware": 97}\n'
+                              'extensions := [{"name": "ear.trustee.identifiers", "key": -18, '
+                              '"value": {"validated": ["x"]}}]\n')
+    sub = cpu0(svc.attest(tee="sample", primary_evidence=trustee_sample(), runtime_data=RUNTIME).claims)
+    assert sub["ear.status"] == "contraindicated"
+    assert sub["ear.trustee.identifiers"] == {"validated": ["x"]}
+
+
+class _FakeSnpClaims:
+    """What the evidence library returns for an SNP report (only what the service reads)."""
+
+    def __init__(self, vmpl: int | None) -> None:
+        self.report_data = report_data_for("snp", DIGEST)
+        self.vmpl = vmpl
+
+    def to_dict(self) -> dict[str, Any]:
+        claims: dict[str, Any] = {"tee": "snp", "insecure": False, "host_data": "00" * 32,
+                                  "measurement": "11" * 48, "steps": ["1 a", "2 b"]}
+        if self.vmpl is not None:
+            claims["vmpl"] = self.vmpl
+        return claims
+
+
+@pytest.mark.parametrize("vmpl", [1, 2, 3, None])
+def test_rejects_snp_evidence_from_nonzero_vmpl(monkeypatch: pytest.MonkeyPatch, vmpl: int | None) -> None:
+    # The evidence library verifies reports from any VMPL; the service accepts only VMPL 0.
+    monkeypatch.setattr("coffer.attestation.service.verify_evidence_bytes",
+                        lambda *args, **kwargs: _FakeSnpClaims(vmpl))
+    with pytest.raises(VerificationError) as info:
+        service().attest(tee="snp", primary_evidence={"attestation_report": {}}, runtime_data=RUNTIME)
+    assert (info.value.tee, info.value.step, info.value.step_name) == ("snp", 3, "check VMPL")
+    monkeypatch.setattr("coffer.attestation.service.verify_evidence_bytes",
+                        lambda *args, **kwargs: _FakeSnpClaims(0))
+    service().attest(tee="snp", primary_evidence={"attestation_report": {}}, runtime_data=RUNTIME)
 
 
 # --- TPM (synthetic quotes) --------------------------------------------------------------------
@@ -357,6 +451,9 @@ def test_az_snp_vtpm_v2_accepted_iff_report_data_matches() -> None:
     assert verified.init_field is not None
     assert len(verified.init_field) == 32  # PCR 8
     svc.reference_values.add("measurement", [verified.claims["snp"]["measurement"]])
+    # The paravisor measurement alone is not enough: a registered PCR must match too.
+    assert svc.appraise({"az-snp-vtpm": verified.claims}).trust_vector["executables"] == 33
+    svc.reference_values.add("pcr0", [verified.claims["tpm"]["pcrs"]["sha256"]["0"]])
     assert svc.appraise({"az-snp-vtpm": verified.claims}).trust_vector["executables"] == 2
     with pytest.raises(VerificationError):
         svc.attest(tee="az-snp-vtpm", primary_evidence=doc, runtime_data=RUNTIME)

@@ -486,6 +486,30 @@ def test_read_only_role(client: httpx.Client, kbs: Kbs, p256_key: ec.EllipticCur
     assert refusals[0].claims["role"] == "read-only"
 
 
+def test_acls_match_the_path_not_the_query_string(ed_key: Ed25519PrivateKey) -> None:
+    # An ACL for ".../dev" paths used to be satisfied by any path with "?x=/dev" appended.
+    limited = Kbs(AdminConfig(keys=(AdminKey(id="ops", public_key_pem=_pem(ed_key)),), acls=(
+        AdminAcl(role="admin", allowed_endpoints=r"^/kbs/v0/resource/.*/dev$"),)))
+    try:
+        limited.resources.put("default/key/one", b"original")
+        with limited.client() as c:
+            for method, target in (("POST", "/kbs/v0/resource/default/key/one?x=/dev"),
+                                   ("PUT", "/kbs/v0/resource/default/key/one?/dev"),
+                                   ("DELETE", "/kbs/v0/resource/default/key/one?/dev")):
+                response = c.request(method, target, content=b"evil" if method != "DELETE" else None,
+                                     headers=_h(ed_key))
+                assert response.status_code == 403, target
+            assert limited.resources.get("default/key/one") == b"original"
+            allowed = c.post("/kbs/v0/resource/default/key/dev?anything", content=b"ok", headers=_h(ed_key))
+            assert allowed.status_code == 200
+    finally:
+        limited.bridge.shutdown()
+    auth = AdminAuth(AdminConfig(keys=(AdminKey(id="ops", public_key_pem=_pem(ed_key)),), acls=(
+        AdminAcl(role="admin", allowed_endpoints=r"^/kbs/v0/resource/.*/dev$"),)))
+    with pytest.raises(AdminAuthError):
+        auth.authorize(_identity("admin"), "POST", "/kbs/v0/resource/default/key/one?x=/dev")
+
+
 def test_guest_resource_get_is_not_an_admin_route(client: httpx.Client, ed_key: Ed25519PrivateKey) -> None:
     assert client.get("/kbs/v0/resource/repo/key/one", headers=_h(ed_key)).status_code == 405
 

@@ -11,6 +11,7 @@ import pytest
 from coffer.attestation.token import TokenVerifier, tee_pubkey_from_claims
 from coffer.kbs.config import KbsConfig
 from coffer.kbs.jwe import TeeKeyPair
+from coffer.kbs.store import NS_SESSIONS
 from tests.kbs.kbs_app_support import assert_error, auth_body, handshake, make_kbs, sample_attestation
 
 pytestmark = pytest.mark.anyio
@@ -167,4 +168,26 @@ async def test_unsupported_tee_fails_at_attest() -> None:
     async with kbs.client() as client:
         nonce = (await client.post("/kbs/v0/auth", json=auth_body(tee="cca"))).json()["nonce"]
         response = await client.post("/kbs/v0/attest", json=sample_attestation(nonce, TeeKeyPair.generate()))
+    assert_error(response, 401, "AttestationError")
+
+
+async def test_rejects_oversized_extra_params_without_storing_a_session() -> None:
+    # /auth used to keep up to 2 MiB of extra-params per session in the shared store.
+    kbs = make_kbs()
+    big = {"version": "0.4.0", "tee": "sample", "extra-params": "A" * (2 * 1024 * 1024 - 100)}
+    async with kbs.client() as client:
+        response = await client.post("/kbs/v0/auth", json=big)
+    body = assert_error(response, 401, "AttestationError")
+    assert "extra-params" in body["detail"]
+    assert kbs.store.list_entries(NS_SESSIONS, now=kbs.clock()) == []
+
+
+async def test_rejects_deeply_nested_init_data_with_401_not_500() -> None:
+    kbs = make_kbs(allow_all=True)
+    key = TeeKeyPair.generate()
+    async with kbs.client() as client:
+        challenge = await client.post("/kbs/v0/auth", json=auth_body())
+        attestation = sample_attestation(challenge.json()["nonce"], key)
+        attestation["init-data"] = {"format": "toml", "body": "a = " + "[" * 5000 + "]" * 5000 + "\n"}
+        response = await client.post("/kbs/v0/attest", json=attestation)
     assert_error(response, 401, "AttestationError")

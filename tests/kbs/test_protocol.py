@@ -124,6 +124,24 @@ def test_rejects_oversized_request() -> None:
         protocol.parse_request(raw)
 
 
+@pytest.mark.parametrize("extra", ["A" * (2 * 1024 * 1024 - 100), "A" * protocol.MAX_EXTRA_PARAMS_BYTES,
+                                   {"k": ["v" * 100] * 50}, [{"x": "y" * 5000}]])
+def test_rejects_oversized_extra_params(extra: Any) -> None:
+    # Stored verbatim in the session (2 MiB per /auth) before the cap.
+    with pytest.raises(ProtocolError, match="extra-params") as info:
+        protocol.parse_request(body({"version": "0.4.0", "tee": "snp", "extra-params": extra}))
+    assert info.value.kind == "AttestationError"
+
+
+def test_extra_params_up_to_the_cap_are_accepted() -> None:
+    offered = {"supported-hash-algorithms": ["sha256", "sha384", "sha512"]}
+    assert protocol.parse_request(body({"version": "0.4.0", "tee": "snp", "extra-params": offered})
+                                  ).extra_params == offered
+    at_cap = "A" * (protocol.MAX_EXTRA_PARAMS_BYTES - 2)  # two bytes of JSON quotes
+    assert protocol.parse_request(body({"version": "0.4.0", "tee": "snp", "extra-params": at_cap})
+                                  ).extra_params == at_cap
+
+
 def test_every_trustee_tee_name_is_accepted() -> None:
     for tee in sorted(protocol.TEE_NAMES):
         assert protocol.parse_request(body({"version": "0.4.0", "tee": tee, "extra-params": ""})).tee == tee

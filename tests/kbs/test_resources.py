@@ -138,6 +138,7 @@ def test_master_key_from_hex_file_raw_file_and_env(tmp_path: Path, monkeypatch: 
     assert stat.S_IMODE(os.stat(hex_file).st_mode) == 0o600
     raw_file = tmp_path / "raw.key"
     raw_file.write_bytes(bytes.fromhex(key.hex()))
+    raw_file.chmod(0o600)
     assert MasterKey.load(raw_file) == key
     monkeypatch.setenv("MY_KEY", key.hex())
     assert MasterKey.load(None, "MY_KEY") == key
@@ -156,6 +157,7 @@ def test_rejects_missing_or_malformed_master_key(tmp_path: Path, monkeypatch: py
         MasterKey.load(None)
     short = tmp_path / "short"
     short.write_text("abcd")
+    short.chmod(0o600)
     with pytest.raises(ConfigError, match="32 bytes"):
         MasterKey.load(short)
     with pytest.raises(ConfigError, match="cannot read"):
@@ -163,6 +165,19 @@ def test_rejects_missing_or_malformed_master_key(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("COFFER_KBS_MASTER_KEY", "zz" * 32)
     with pytest.raises(ConfigError):
         MasterKey.load(None)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o610])
+def test_rejects_master_key_file_readable_by_group_or_others(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "master.key"
+    MasterKey.generate().write(path)
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match="group or others") as info:
+        MasterKey.load(path)
+    assert "chmod 600" in str(info.value)
+    path.chmod(0o400)  # owner-only, read-only: fine
+    MasterKey.load(path)
 
 
 def test_master_key_repr_does_not_reveal_it() -> None:

@@ -10,7 +10,7 @@ import enum
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime, time
 from typing import Any
 
 from coffer.errors import FormatError
@@ -67,7 +67,7 @@ def decode_binary_file(data: bytes, what: str = "evidence file") -> bytes:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Turn claims (dataclasses, enums, bytes, datetimes, containers) into JSON values.
+    """Turn claims (dataclasses, enums, bytes, dates/times/datetimes, containers) into JSON values.
 
     Bytes become lowercase hex, which is the documented form of every byte field in ``--json`` output.
     """
@@ -80,6 +80,9 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(value.value)
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date | time):
+        # TOML local dates and times (tomllib gives datetime.date / datetime.time): ISO 8601 text.
+        return value.isoformat()
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | frozenset | set):

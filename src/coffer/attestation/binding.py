@@ -33,6 +33,8 @@ from coffer.errors import FormatError
 RUNTIME_DATA_HASH = "sha384"
 INITDATA_ALGORITHMS = ("sha256", "sha384", "sha512")
 MAX_INITDATA_BYTES = 1024 * 1024
+# How deeply containers may nest in an initdata document and in the claims taken from it.
+MAX_INITDATA_DEPTH = 32
 
 # TEE -> how many bytes of the report-data field the digest fills (None: the digest as is).
 _PAD_64 = ("snp", "tdx", "sgx")
@@ -185,9 +187,26 @@ def parse_initdata(body: bytes) -> dict[str, Any]:
         raise FormatError("initdata", f"{len(body)} bytes exceeds the {MAX_INITDATA_BYTES}-byte limit")
     try:
         doc = tomllib.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise FormatError("initdata", f"not a TOML document ({exc.__class__.__name__})") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        # RecursionError: arrays/inline tables nested deeper than the parser's recursion allows.
+        raise FormatError("initdata", f"not a TOML document ({exc.__class__.__name__})") from None
+    check_nesting(doc, "initdata")
     return doc
+
+
+def check_nesting(value: Any, what: str, max_depth: int = MAX_INITDATA_DEPTH) -> None:
+    """FormatError when a parsed document nests containers deeper than ``max_depth`` or holds a
+    float that is not finite (JSON has neither Infinity nor NaN). Iterative, so any depth is safe."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping | list | tuple):
+            if depth >= max_depth:
+                raise FormatError(what, f"nested deeper than {max_depth} levels")
+            children = node.values() if isinstance(node, Mapping) else node
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise FormatError(what, "holds a non-finite number (inf or nan)")
 
 
 def initdata_digest(body: bytes) -> tuple[str, bytes]:

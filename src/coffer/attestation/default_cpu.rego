@@ -8,7 +8,8 @@
 # Fails closed: each claim starts at a value outside the "affirming" tier and is lowered only when
 # the evidence matches registered reference values. With no reference values nothing is affirming,
 # an unregistered measurement leaves "executables" at 33 (warning) and the sample TEE (no hardware
-# root of trust) keeps "hardware" at 97 (contraindicated) whatever is registered.
+# root of trust) keeps "hardware" at 97 (contraindicated) whatever is registered. SNP evidence is
+# affirming only from VMPL 0; vTPM platforms (tpm, az-*) need at least one registered PCR.
 package policy
 
 import rego.v1
@@ -79,6 +80,13 @@ pcrs_allowed(pcrs) if {
 	}
 }
 
+# At least one PCR is registered and every registered PCR matches (vTPM platforms: the paravisor's
+# launch measurement alone does not cover the guest's boot chain).
+pcrs_enforced(pcrs) if {
+	count(registered_pcrs) > 0
+	pcrs_allowed(pcrs)
+}
+
 # ---------------------------------------------------------------------------------------------
 # AMD SEV-SNP (bare metal, and under the Azure paravisor)
 
@@ -90,15 +98,24 @@ snp_executables(c) := 2 if {
 	snp_measurement_ok(c)
 } else := 33
 
+# Only a report requested from VMPL 0 (the most privileged guest context) describes the guest the
+# measurement covers; a report from any other VMPL (or one without a VMPL) is never affirming.
+snp_vmpl0(c) if c.vmpl == 0
+
 snp_hardware(c) := 97 if {
 	c.insecure
 } else := 2 if {
+	snp_vmpl0(c)
 	snp_tcb_ok(c.reported_tcb)
 } else := 32
 
 snp_configuration(c) := 96 if {
 	c.policy.debug
+} else := 96 if {
+	is_number(c.vmpl)
+	c.vmpl != 0
 } else := 2 if {
+	snp_vmpl0(c)
 	allowed(c.host_data, "host_data")
 	allowed(c.guest_svn, "guest_svn")
 	allowed(c.id_key_digest, "id_key_digest")
@@ -115,7 +132,7 @@ az_snp := input["az-snp-vtpm"]
 executables := 2 if {
 	az_snp
 	snp_executables(az_snp.snp) == 2
-	pcrs_allowed(az_snp.tpm.pcrs)
+	pcrs_enforced(az_snp.tpm.pcrs)
 } else := 33 if az_snp
 
 hardware := 97 if {
@@ -160,7 +177,7 @@ az_tdx := input["az-tdx-vtpm"]
 executables := 2 if {
 	az_tdx
 	tdx_executables(az_tdx.tdx) == 2
-	pcrs_allowed(az_tdx.tpm.pcrs)
+	pcrs_enforced(az_tdx.tpm.pcrs)
 } else := 33 if az_tdx
 
 hardware := 97 if {
@@ -196,8 +213,7 @@ configuration := 96 if {
 
 executables := 2 if {
 	input.tpm
-	count(registered_pcrs) > 0
-	pcrs_allowed(input.tpm.pcrs)
+	pcrs_enforced(input.tpm.pcrs)
 } else := 33 if input.tpm
 
 hardware := 2 if {

@@ -4,7 +4,9 @@ AR4SI trustworthiness vector, and the EAR status derived from it.
 Policy contract (compatible with Trustee's EAR policies): package ``policy``; the rule
 ``trust_claims`` is an object mapping AR4SI claim names (``executables``, ``hardware``,
 ``configuration``, ...) to integers in [-128, 127]; optionally ``extensions`` is a list of
-``{"name", "key", "value"}`` objects whose values are copied into the submodule under ``name``.
+``{"name", "key", "value"}`` objects whose values are copied into the submodule under ``name`` (a
+name starting with ``ear.`` is refused, those claims are the service's, except Trustee's
+``ear.trustee.*`` extensions such as ``ear.trustee.identifiers``).
 ``input`` holds ``{"<tee>": claims, "report_data", "init_data", "runtime_data_claims",
 "init_data_claims"}``. Reference values are ``data.reference.<name>`` (list of live values) and also
 reachable through the built-in ``query_reference_value("<name>")`` (null when absent) that Trustee
@@ -42,6 +44,11 @@ POLICY_ID_ALIASES = {"default_cpu": DEFAULT_POLICY_ID}
 PACKAGE = "data.policy"
 MAX_POLICY_BYTES = 256 * 1024
 _MAX_EXTENSIONS = 16
+# Extension names a policy may not use: the EAR namespace, whose claims (ear.status,
+# ear.trustworthiness-vector...) the service sets itself, except Trustee's policy-extension namespace
+# (``ear.trustee.identifiers`` is what Trustee's policies emit), which the service never sets.
+RESERVED_EXTENSION_PREFIX = "ear."
+POLICY_EXTENSION_NAMESPACE = "ear.trustee."
 
 DEFAULT_CPU_POLICY: str = (
     resources.files("coffer.attestation").joinpath("default_cpu.rego").read_text("utf-8"))
@@ -204,7 +211,14 @@ class CompiledPolicy:
         if isinstance(extensions, list):
             for item in extensions[:_MAX_EXTENSIONS]:
                 if isinstance(item, dict) and isinstance(item.get("name"), str) and "value" in item:
-                    extra[item["name"]] = item["value"]
+                    name = item["name"]
+                    if (name.startswith(RESERVED_EXTENSION_PREFIX)
+                            and not name.startswith(POLICY_EXTENSION_NAMESPACE)):
+                        # ear.status, ear.trustworthiness-vector... are the service's to set.
+                        raise ProtocolError("AttestationError",
+                                            f"appraisal policy {policy_id!r}: extension name {name[:64]!r} "
+                                            f"is reserved (starts with {RESERVED_EXTENSION_PREFIX!r})")
+                    extra[name] = item["value"]
         return Appraisal(policy_id=policy_id, trust_vector=vector, status=status_from_vector(vector),
                          extensions=extra)
 

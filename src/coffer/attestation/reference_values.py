@@ -47,6 +47,7 @@ MAX_VALUES_PER_NAME = 1024
 MAX_SCALAR_CHARS = 4096
 RVPS_VERSION = "0.1.0"
 DEFAULT_RVPS_EXPIRY = timedelta(days=365)
+_RVPS_EXPIRY_KEYS = ("expiry", "expiration")  # payload keys carrying the expiry, not values
 _CAS_ATTEMPTS = 16
 
 # Hex digests: name -> accepted byte lengths.
@@ -394,12 +395,19 @@ class ReferenceValues:
         values = load_json_object(decoded, "RVPS sample payload")
         now = self._clock()
         expires_at = now + DEFAULT_RVPS_EXPIRY
-        if "expiry" in values or "expiration" in values:
-            stamp = values.pop("expiry", None) or values.pop("expiration", None)
-            try:
-                expires_at = parse_reference_time(str(stamp))
-            except UsageError as exc:
-                raise FormatError("RVPS sample payload", "expiry is not an RFC 3339 time") from exc
+        # Both spellings are metadata, never reference values; when both are given they must agree.
+        stamps: builtins.list[datetime] = []
+        for key in _RVPS_EXPIRY_KEYS:
+            if key in values:
+                stamp = values.pop(key)
+                try:
+                    stamps.append(parse_reference_time(str(stamp)))
+                except UsageError as exc:
+                    raise FormatError("RVPS sample payload", f"{key} is not an RFC 3339 time") from exc
+        if stamps:
+            if any(stamp != stamps[0] for stamp in stamps):
+                raise FormatError("RVPS sample payload", "expiry and expiration name different times")
+            expires_at = stamps[0]
         prepared: builtins.list[tuple[str, builtins.list[Any]]] = []
         for name, listed in values.items():
             check_name(name)

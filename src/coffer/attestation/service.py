@@ -9,7 +9,9 @@
    :func:`~coffer.attestation.binding.report_data_for`;
 3. verify the evidence (:func:`coffer.evidence.verify`, at the service clock's time, with the
    registered ``trusted_ak`` reference values as trusted TPM attestation keys); a rejection raises
-   :class:`~coffer.errors.VerificationError` naming the verifier's step;
+   :class:`~coffer.errors.VerificationError` naming the verifier's step; an SNP report from any VMPL
+   but 0 is refused here (step "check VMPL"), and non-empty ``additional_evidence`` is refused up
+   front (device evidence is not verified yet);
 4. check init-data, when the guest sent it: its digest must be what the TEE's launch-time register
    holds (HOST_DATA, MRCONFIGID, CONFIGID, PCR 8); a mismatch is a VerificationError at the step after
    the verifier's last one;
@@ -35,7 +37,9 @@ from coffer import __version__
 from coffer._internal.clock import utc_now
 from coffer._internal.encoding import b64_decode, load_json_object, to_jsonable
 from coffer.attestation.binding import (
+    MAX_INITDATA_DEPTH,
     InitData,
+    check_nesting,
     initdata_digest,
     initdata_expected,
     parse_initdata,
@@ -66,6 +70,7 @@ SUPPORTED_TEES = ("sample", "snp", "tdx", "sgx", "tpm", "az-snp-vtpm", "az-tdx-v
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_EVENT_LOG_BYTES = 4 * 1024 * 1024
 _INITDATA_CLAIM_KEYS_AS_TOML = ("aa.toml", "cdh.toml")
+SNP_REQUIRED_VMPL = 0
 
 
 def _bad(detail: str) -> ProtocolError:
@@ -260,6 +265,12 @@ class AttestationService:
                                 allow_debug=self.allow_debug, trusted_keys=trusted)
         claims = verify_evidence_bytes(tee, data, collateral=self.collateral, options=options)
         out = claims.to_dict()
+        if tee == "snp" and out.get("vmpl") != SNP_REQUIRED_VMPL:
+            # The evidence library verifies reports from any VMPL; a KBS releases secrets only to
+            # the guest's most privileged context (as Trustee's SNP verifier does).
+            raise VerificationError(tee, len(out.get("steps") or ()) + 1, "check VMPL",
+                                    f"the report comes from VMPL {out.get('vmpl')}; only VMPL "
+                                    f"{SNP_REQUIRED_VMPL} is accepted")
         if event_log is not None:
             out["cc_eventlog"] = _check_ccel(tee, event_log, out)
         return VerifiedEvidence(tee=tee, claims=out, report_data=claims.report_data,
@@ -273,6 +284,10 @@ class AttestationService:
             raise _bad(f"TEE {tee!r} is not supported (supported: {', '.join(SUPPORTED_TEES)})")
         if not isinstance(additional_evidence, str):
             raise _bad("additional_evidence must be a string")
+        if additional_evidence:
+            # Nothing verifies device evidence yet; fail closed rather than copy it, unverified,
+            # into the token.
+            raise _bad("additional device evidence is not supported yet")
         runtime = to_jsonable(dict(runtime_data))
         if runtime.get("additional-evidence", additional_evidence) != additional_evidence:
             raise _bad("runtime data names different additional evidence")
@@ -296,11 +311,12 @@ class AttestationService:
         }
         appraisal = self.appraise(annotated, policy_id=policy_id, reference=reference)
         iat = int(now.timestamp())
+        # Policy extensions first, so the service's own claims always win over them.
         submod: dict[str, Any] = {
+            **appraisal.extensions,
             "ear.status": appraisal.status,
             "ear.trustworthiness-vector": appraisal.trust_vector,
             "ear.appraisal-policy-id": policy_id,
-            **appraisal.extensions,
             "ear.veraison.annotated-evidence": annotated,
         }
         # Everything below is JSON already (verified claims come from Claims.to_dict()).
@@ -342,7 +358,10 @@ class AttestationService:
             raise VerificationError(tee, step, "check init-data",
                                     f"{claim} {verified.init_field.hex()} is not the init-data digest "
                                     f"binding {want.hex()}")
-        return _init_data_claims(doc)
+        try:
+            return _init_data_claims(doc)
+        except FormatError as exc:
+            raise _bad(f"init-data: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,19 +425,29 @@ def _check_ccel(tee: str, log: bytes, claims: Mapping[str, Any]) -> dict[str, An
 
 
 def _extract_policy_data(text: str) -> Any:
+    """The JSON value after ``policy_data :=`` in an agent policy (None when there is none or it is
+    not JSON). FormatError when it nests too deeply or holds a non-finite number."""
     marker = re.search(r"(?m)^\s*policy_data\s*:?=\s*", text)
     if marker is None:
         return None
+
+    def no_constants(name: str) -> Any:
+        raise FormatError("init-data policy_data", f"{name} is not valid JSON")
+
     try:
-        value, _ = json.JSONDecoder().raw_decode(text, marker.end())
+        value, _ = json.JSONDecoder(parse_constant=no_constants).raw_decode(text, marker.end())
+    except RecursionError:
+        raise FormatError("init-data policy_data", "nested too deeply") from None
     except ValueError:
         return None
+    check_nesting(value, "init-data policy_data")
     return value
 
 
 def _init_data_claims(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The ``[data]`` table of an initdata document as token claims: ``aa.toml``/``cdh.toml`` parsed,
-    ``policy.rego`` reduced to the ``policy_data`` it declares (``agent_policy_claims``)."""
+    ``policy.rego`` reduced to the ``policy_data`` it declares (``agent_policy_claims``). TOML dates
+    and times become ISO 8601 strings. FormatError when a value nests too deeply or is not finite."""
     import tomllib  # noqa: PLC0415
 
     data = doc.get("data")
@@ -433,9 +462,15 @@ def _init_data_claims(doc: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key in _INITDATA_CLAIM_KEYS_AS_TOML and isinstance(value, str):
             try:
-                out[key] = to_jsonable(tomllib.loads(value))
-                continue
+                parsed = tomllib.loads(value)
             except tomllib.TOMLDecodeError:
                 pass
+            except RecursionError:
+                raise FormatError(f"init-data {key}", "nested too deeply") from None
+            else:
+                check_nesting(parsed, f"init-data {key}")
+                out[key] = to_jsonable(parsed)
+                continue
         out[key] = to_jsonable(value)
+    check_nesting(out, "init-data claims", MAX_INITDATA_DEPTH + 2)
     return out

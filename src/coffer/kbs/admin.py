@@ -20,9 +20,10 @@ the same error type. Without an ``[admin]`` configuration (or without keys) ever
 refused: there is no "insecure allow all" mode.
 
 Authorisation: role ``read-only`` may only read (GET/HEAD); every role is further limited by the
-configured path ACLs (regexes matched in full against the request path, plus ``?query`` when there is
-one). Without configured ACLs the defaults are :data:`DEFAULT_ACLS`: ``admin`` everything under
-``/kbs/v0/``, ``read-only`` everything except the plaintext of resources.
+configured path ACLs (regexes matched in full against the request path only; the query string never
+takes part, so ``?x=/dev`` cannot satisfy an ACL meant for a path). Without configured ACLs the
+defaults are :data:`DEFAULT_ACLS`: ``admin`` everything under ``/kbs/v0/``, ``read-only`` everything
+except the plaintext of resources.
 
 Routes (all JSON unless noted; resource bodies are raw bytes)::
 
@@ -415,10 +416,13 @@ class AdminAuth:
         return AdminIdentity(role=role, key_id=signer.id, subject=subject, issuer=issuer, expires_at=exp)
 
     def authorize(self, identity: AdminIdentity, method: str, target: str) -> None:
-        """Raise :class:`AdminAuthError` (403) unless ``identity`` may call ``method target``."""
+        """Raise :class:`AdminAuthError` (403) unless ``identity`` may call ``method target``.
+
+        ACLs are matched against the path alone: anything from a ``?`` on is dropped first."""
         if identity.role == ROLE_READ_ONLY and method.upper() not in READ_METHODS:
             raise AdminAuthError("role 'read-only' may not change anything", status=403)
-        if not any(role == identity.role and pattern.fullmatch(target) for role, pattern in self._acls):
+        path = target.split("?", 1)[0]
+        if not any(role == identity.role and pattern.fullmatch(path) for role, pattern in self._acls):
             raise AdminAuthError(f"role {identity.role!r} may not call this endpoint", status=403)
 
     def check(self, *, method: str, target: str, authorization: str | None, now: datetime) -> AdminIdentity:
@@ -541,8 +545,7 @@ class _AdminApi:
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            query = request.scope.get("query_string", b"").decode("latin-1")
-            target = request.scope["path"] + (f"?{query}" if query else "")
+            target = request.scope["path"]  # ACLs match the path only, never the query string
             try:
                 identity = self.auth.authenticate(request.headers.get("authorization"), now=self.clock())
             except AdminAuthError as exc:

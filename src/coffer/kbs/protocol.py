@@ -14,6 +14,7 @@ but evidence and resources are not echoed back.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -34,6 +35,10 @@ ERROR_TYPE_PREFIX: Final = "https://github.com/confidential-containers/kbs/error
 
 # Largest request body accepted (Trustee's default ``payload_request_size`` is 2 MiB).
 MAX_BODY_BYTES: Final = 2 * 1024 * 1024
+
+# Largest ``extra-params`` an ``/auth`` request may carry, serialised as compact JSON. Real guests
+# send ``""`` or a short object (offered hash algorithms); the session keeps what is accepted here.
+MAX_EXTRA_PARAMS_BYTES: Final = 4 * 1024
 
 # TEE names as they appear on the wire (kbs-types ``Tee`` serde names).
 TEE_NAMES: Final = frozenset({
@@ -258,7 +263,11 @@ def parse_request(data: bytes) -> Request:
     if "extra-params" not in obj:
         raise auth_failed("deserialize Request: missing field `extra-params`")
     check_version(version)
-    return Request(version=version, tee=tee, extra_params=obj["extra-params"])
+    extra_params = obj["extra-params"]
+    size = len(json.dumps(extra_params, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > MAX_EXTRA_PARAMS_BYTES:
+        raise auth_failed(f"field `extra-params` is larger than {MAX_EXTRA_PARAMS_BYTES} bytes")
+    return Request(version=version, tee=tee, extra_params=extra_params)
 
 
 def parse_challenge(data: bytes) -> Challenge:

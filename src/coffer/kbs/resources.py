@@ -20,6 +20,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from coffer.kbs.store import NS_RESOURCES, Store
 MASTER_KEY_BYTES = 32
 _MAGIC = b"CKR1"
 _KEY_ID_LEN = 8
+_KEY_FILE_FORBIDDEN_MODE = 0o077  # a master key file must be private to its owner
 _NONCE = 12
 _WRAPPED = 32 + 16
 _HEADER = len(_MAGIC) + _KEY_ID_LEN + _NONCE + _WRAPPED + _NONCE
@@ -76,10 +78,18 @@ class MasterKey:
 
     @classmethod
     def load(cls, file: Path | None, env: str = "COFFER_KBS_MASTER_KEY") -> MasterKey:
-        """From ``file`` when given, else from the environment variable ``env`` (hex)."""
+        """From ``file`` when given, else from the environment variable ``env`` (hex).
+
+        A key file group or others may access (``mode & 0o077``) is refused: ``chmod 600`` it."""
         if file is not None:
             try:
-                data = file.read_bytes()
+                with open(file, "rb") as handle:
+                    mode = os.fstat(handle.fileno()).st_mode
+                    if os.name == "posix" and mode & _KEY_FILE_FORBIDDEN_MODE:
+                        raise ConfigError(
+                            f"the KBS master key file {file} is accessible by group or others (mode "
+                            f"{stat.S_IMODE(mode):04o}); restrict it to its owner: chmod 600 {file}")
+                    data = handle.read()
             except OSError as exc:
                 raise ConfigError(f"cannot read the KBS master key file {file}: {exc.strerror}") from exc
             return cls.from_text(data, f"master key file {file}")
