@@ -323,7 +323,9 @@ def start_server(workdir: Path, *, db: str | None, workers: int, extra: list[str
     admin_key = generate_admin_key("ed25519")
     (workdir / "admin.pub").write_bytes(admin_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    (workdir / "master.key").write_text(os.urandom(32).hex())
+    key_fd = os.open(workdir / "master.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # owner only
+    with os.fdopen(key_fd, "w") as key_file:
+        key_file.write(os.urandom(32).hex())
     port = free_port()
     config = workdir / "kbs.toml"
     config.write_text(

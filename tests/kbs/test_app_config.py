@@ -24,7 +24,7 @@ def test_defaults() -> None:
     config = load_config(None)
     assert config.listen == "127.0.0.1:8080"
     assert config.session_timeout == timedelta(minutes=5)
-    assert config.max_sessions == 10_000
+    assert config.max_sessions == 150_000
     assert config.admin is None
     assert config.db_url.startswith("sqlite:///")
     assert config.db_url.endswith("state.db")

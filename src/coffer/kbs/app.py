@@ -17,6 +17,7 @@ key material never reach a log line, an error detail or the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -62,6 +63,7 @@ log = logging.getLogger("coffer.kbs")
 OPENAPI_PATH = "/openapi.json"
 JWKS_PATH = "/.well-known/jwks.json"
 SWEEP_INTERVAL_SECONDS = 60.0
+CHECKPOINT_INTERVAL_SECONDS = 1.0
 
 # Names under /kbs/v0/ that are endpoints of this server (a wrong method on them is a bad path, not an
 # unknown plugin).
@@ -172,6 +174,68 @@ def _bearer(request: Request) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Audit events: group commit
+
+
+class AuditWriter:
+    """Writes audit events durably with group commit, off the event loop.
+
+    A request awaits :meth:`write`, which queues its event and returns once the event is committed.
+    One flush task per event loop takes every queued event, writes them in one transaction in a worker
+    thread (one fsync for the batch with :class:`~coffer.kbs.store_sqlite.SqliteStore`; stores without
+    ``append_audit_batch`` get one ``append_audit`` per event in that thread) and wakes the waiters;
+    events queued meanwhile form the next batch. So the fsync cost is shared by concurrent requests,
+    and no response is sent before its audit event is committed. The task ends when the queue is
+    empty; :meth:`drain` waits for it (shutdown)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[tuple[AuditEvent, asyncio.Future[AuditEvent]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # number of commits so far (tests, diagnostics)
+
+    async def write(self, event: AuditEvent) -> AuditEvent:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AuditEvent] = loop.create_future()
+        self._pending.append((event, future))
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._task = loop.create_task(self._flush())
+        return await asyncio.shield(future)
+
+    def _append(self, events: list[AuditEvent]) -> list[AuditEvent]:
+        batch = getattr(self._store, "append_audit_batch", None)
+        if batch is not None:
+            stored: list[AuditEvent] = batch(events)
+            return stored
+        return [self._store.append_audit(event) for event in events]
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                stored = await anyio.to_thread.run_sync(self._append, [event for event, _ in batch])
+            except BaseException as exc:
+                failure = exc if isinstance(exc, Exception) else StorageError("audit write interrupted")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.batches += 1
+            for (_, future), event in zip(batch, stored, strict=True):
+                if not future.done():
+                    future.set_result(event)
+
+    async def drain(self) -> None:
+        """Wait until every queued event is committed (or failed)."""
+        while self._task is not None and not self._task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._task)
+
+
+# --------------------------------------------------------------------------------------------------
 # The application
 
 
@@ -189,17 +253,31 @@ class KbsApp:
         self.resource_policy = resource_policy
         self.sessions = sessions
         self._verifier: tuple[bytes, TokenVerifier] | None = None
+        self.audit_writer = AuditWriter(store)
 
     def now(self) -> datetime:
         return as_utc(self.clock())
 
-    def audit(self, action: str, subject: str, outcome: str, *, detail: str = "",
-              claims: Mapping[str, Any] | None = None) -> None:
-        try:
-            self.store.append_audit(AuditEvent(at=self.now(), action=action, subject=subject, outcome=outcome,
-                                               detail=detail[:500], claims=dict(claims or {})))
-        except StorageError:
-            log.exception("audit write failed for %s %s", action, subject)
+    def audit_event(self, action: str, subject: str, outcome: str, *, detail: str = "",
+                    claims: Mapping[str, Any] | None = None) -> AuditEvent:
+        return AuditEvent(at=self.now(), action=action, subject=subject, outcome=outcome,
+                          detail=detail[:500], claims=dict(claims or {}))
+
+    async def audit(self, action: str, subject: str, outcome: str, *, detail: str = "",
+                    claims: Mapping[str, Any] | None = None, required: bool = False) -> None:
+        """Record an event durably before answering. ``required``: a failed write fails the request
+        (a resource is never released without its audit record); otherwise it is logged."""
+        await self.record([self.audit_event(action, subject, outcome, detail=detail, claims=claims)],
+                          required=required)
+
+    async def record(self, events: list[AuditEvent], *, required: bool = False) -> None:
+        for event in events:
+            try:
+                await self.audit_writer.write(event)
+            except StorageError:
+                if required:
+                    raise
+                log.exception("audit write failed for %s %s", event.action, event.subject)
 
     def token_verifier(self) -> TokenVerifier:
         jwks = self.attestation.jwks()
@@ -228,11 +306,22 @@ class KbsApp:
             raise attest_failed("session not found or expired")
         body = await read_body(request, self.config.max_body_bytes)
         attestation = parse_attestation(body)
-        session = self.sessions.attest_session(session_id, attestation, self._verify)
+        events: list[AuditEvent] = []
+
+        def verify(session: Session, attestation: Attestation) -> str:
+            return self._verify(session, attestation, events)
+
+        try:
+            session = self.sessions.attest_session(session_id, attestation, verify)
+        finally:
+            # Refusals are recorded whatever happens next; a success only once the session took the
+            # token (a concurrent /attest on the same session may have verified as well and lost).
+            await self.record([e for e in events if e.action != "attest"])
+        await self.record([e for e in events if e.action == "attest"])
         return JSONResponse({"token": session.token},
                             headers={"set-cookie": _session_cookie(session_id, session.expires_at)})
 
-    def _verify(self, session: Session, attestation: Attestation) -> str:
+    def _verify(self, session: Session, attestation: Attestation, events: list[AuditEvent]) -> str:
         runtime_data = attestation.primary_runtime_data()
         try:
             result = self.attestation.attest(
@@ -245,18 +334,18 @@ class KbsApp:
         except StorageError:
             raise
         except ProtocolError as exc:
-            self.audit("attest_failed", session.tee, "error", detail=exc.detail)
+            events.append(self.audit_event("attest_failed", session.tee, "error", detail=exc.detail))
             log.info("attest refused for tee %s: %s", session.tee, exc.detail)
             raise
         except VerificationError as exc:
-            self.audit("attest_failed", session.tee, "error", detail=str(exc))
+            events.append(self.audit_event("attest_failed", session.tee, "error", detail=str(exc)))
             log.info("attest refused for tee %s: %s", session.tee, exc)
             raise attest_failed(str(exc)) from exc
         except CofferError as exc:
-            self.audit("attest_failed", session.tee, "error", detail=str(exc))
+            events.append(self.audit_event("attest_failed", session.tee, "error", detail=str(exc)))
             log.info("attest failed for tee %s: %s", session.tee, exc)
             raise attest_failed(str(exc)) from exc
-        self.audit("attest", session.tee, "ok", claims=identifying_claims(result.claims))
+        events.append(self.audit_event("attest", session.tee, "ok", claims=identifying_claims(result.claims)))
         token: str = result.token
         return token
 
@@ -271,11 +360,18 @@ class KbsApp:
         if token is None and not session_id:
             raise ProtocolError("TokenNotFound", "Attestation Token not found")
         query = dict(request.query_params.items())
-        wrapped = self._release((repo, kind, tag), token, session_id, query)
+        events: list[AuditEvent] = []
+        try:
+            wrapped = self._release((repo, kind, tag), token, session_id, query, events)
+        except BaseException:
+            await self.record(events)
+            raise
+        await self.record(events, required=True)
+        log.info("resource %s released", path)
         return JSONResponse(wrapped)
 
     def _release(self, resource_path: tuple[str, str, str], token: str | None, session_id: str | None,
-                 query: dict[str, str]) -> dict[str, Any]:
+                 query: dict[str, str], events: list[AuditEvent]) -> dict[str, Any]:
         repo, kind, tag = resource_path
         path = f"{repo}/{kind}/{tag}"
         if token is None:
@@ -284,20 +380,19 @@ class KbsApp:
         claims = self.token_verifier().verify(token, now=self.now())
         who = identifying_claims(claims)
         if not self.resource_policy.allows(claims, resource_path=(repo, kind, tag), query=query):
-            self.audit("deny", path, "denied", detail="resource policy", claims=who)
+            events.append(self.audit_event("deny", path, "denied", detail="resource policy", claims=who))
             log.info("resource %s denied by policy", path)
             raise ProtocolError("PolicyDeny", "Access denied by policy")
         data = self.resources.get(path)
         if data is None:
-            self.audit("deny", path, "denied", detail="no such resource", claims=who)
+            events.append(self.audit_event("deny", path, "denied", detail="no such resource", claims=who))
             raise ProtocolError("PluginInternalError", "Plugin internal error: resource not found")
         try:
             wrapped = jwe.encrypt(data, tee_pubkey_from_claims(claims))
         except ProtocolError as exc:
-            self.audit("deny", path, "denied", detail=exc.detail, claims=who)
+            events.append(self.audit_event("deny", path, "denied", detail=exc.detail, claims=who))
             raise
-        self.audit("release", path, "allowed", claims=who)
-        log.info("resource %s released", path)
+        events.append(self.audit_event("release", path, "allowed", claims=who))
         return wrapped
 
     async def other_plugin(self, request: Request) -> Response:
@@ -318,7 +413,8 @@ class KbsApp:
             self.store.count(NS_SESSIONS, now=self.now())
             checks["store"] = "ok"
         except StorageError as exc:
-            checks["store"] = f"unavailable: {exc}"
+            log.warning("readiness: store unavailable: %s", exc)
+            checks["store"] = "store unavailable"
         try:
             checks["master_key"] = "ok" if self.resources.check_master_key() else "wrong master key"
         except StorageError:
@@ -327,7 +423,8 @@ class KbsApp:
             self.attestation.jwks()
             checks["token_signer"] = "ok"  # noqa: S105  (a status, not a secret)
         except CofferError as exc:
-            checks["token_signer"] = f"unavailable: {exc}"
+            log.warning("readiness: token signer unavailable: %s", exc)
+            checks["token_signer"] = "unavailable"  # noqa: S105  (a status, not a secret)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                             status_code=200 if ready else 503)
@@ -435,8 +532,14 @@ def build_app(config: KbsConfig, *, store: Store, attestation: AttestationServic
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as group:
             group.start_soon(_sweeper, sessions, sweep_interval)
-            yield
-            group.cancel_scope.cancel()
+            checkpoint = getattr(store, "checkpoint", None)
+            if callable(checkpoint):
+                group.start_soon(_checkpointer, checkpoint, CHECKPOINT_INTERVAL_SECONDS)
+            try:
+                yield
+            finally:
+                await kbs.audit_writer.drain()
+                group.cancel_scope.cancel()
 
     app = Starlette(
         routes=routes,
@@ -451,6 +554,16 @@ def build_app(config: KbsConfig, *, store: Store, attestation: AttestationServic
     )
     app.state.kbs = kbs
     return app
+
+
+async def _checkpointer(checkpoint: Callable[[], object], interval: float) -> None:
+    """Run the store's write-ahead-log checkpoint in a worker thread (see SqliteStore.checkpoint)."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await anyio.to_thread.run_sync(checkpoint)
+        except StorageError as exc:
+            log.warning("store checkpoint failed: %s", exc)
 
 
 async def _sweeper(sessions: SessionManager, interval: float) -> None:

@@ -1,17 +1,23 @@
 """RCAR sessions (``/auth`` → ``/attest`` → resource GETs), kept in the shared store.
 
 A session is created by ``/auth`` with a fresh nonce and lives for a fixed time (5 minutes by default;
-attesting does not extend it). It moves ``authed`` → ``attesting`` → ``attested`` by compare-and-set,
-so across every replica sharing the store a nonce is consumed exactly once: a second ``/attest`` on the
-same session, or a replay of the same evidence, is refused. A failed attestation ends the session.
+attesting does not extend it). ``/attest`` verifies the evidence against the session's nonce and then
+moves the session ``authed`` → ``attested`` (storing the token) in one compare-and-set on the version
+it read, so across every replica sharing the store a nonce is consumed exactly once: a second
+``/attest`` on the same session, or a replay of the same evidence, is refused (concurrent ``/attest``
+requests on one session may each run verification, but only one of them gets a token; the caller
+records the successful attestation only after this method returned). A failed attestation ends the
+session. There is no intermediate "attesting" record: one session write per ``/attest``.
 
 The table is bounded: when ``max_sessions`` live sessions exist, expired ones are purged, and if the
 table is still full ``/auth`` is refused (401 ``AttestationError``) instead of growing without limit.
 Counting live sessions scans the table, so it is not done on every ``/auth``: the manager keeps the
 last exact count plus the sessions it created since, and counts again when that is more than
-``COUNT_REFRESH_SECONDS`` old or reaches ``EXACT_COUNT_FRACTION`` of the bound (from there on every
-``/auth`` counts). One replica alone therefore never exceeds the bound; replicas sharing a store can
-overshoot it only by what the others create within one refresh interval.
+``IDLE_COUNT_REFRESH_SECONDS`` old while the table is less than ``BUSY_FRACTION`` full, more than
+``COUNT_REFRESH_SECONDS`` old above that, and on every ``/auth`` from ``EXACT_COUNT_FRACTION`` of the
+bound on. One replica alone therefore never exceeds the bound; replicas sharing a store can overshoot
+it only by what the others create within one refresh interval (from less than half full, they would
+have to create half the bound within ``IDLE_COUNT_REFRESH_SECONDS`` before this one counts again).
 """
 
 from __future__ import annotations
@@ -28,17 +34,19 @@ from typing import Any
 
 from coffer._internal.clock import as_utc, utc_now
 from coffer.errors import ProtocolError
+from coffer.kbs.config import DEFAULT_MAX_SESSIONS
 from coffer.kbs.protocol import ATTEST_FAILED, SESSION_COOKIE, Attestation, Challenge, Request, make_nonce
 from coffer.kbs.store import NS_SESSIONS, Entry, Store
 
 COOKIE_NAME = SESSION_COOKIE
 AUTHED = "authed"
-ATTESTING = "attesting"
 ATTESTED = "attested"
 
 # The live-session count is re-read from the store at most this often while the table is far from
 # full (counting is a scan of the table, far too slow for every /auth); see SessionManager.
 COUNT_REFRESH_SECONDS = 0.5
+IDLE_COUNT_REFRESH_SECONDS = 5.0
+BUSY_FRACTION = 0.5
 EXACT_COUNT_FRACTION = 0.9
 
 
@@ -79,7 +87,7 @@ def valid_session_id(value: str) -> bool:
 
 class SessionManager:
     def __init__(self, store: Store, clock: Callable[[], datetime] = utc_now,
-                 timeout: timedelta = timedelta(minutes=5), max_sessions: int = 10_000) -> None:
+                 timeout: timedelta = timedelta(minutes=5), max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         if max_sessions <= 0:
             raise ValueError("max_sessions must be positive")
         self._store = store
@@ -104,8 +112,10 @@ class SessionManager:
         """Refuse a new session when the table is full (see the module docstring)."""
         tick = time.monotonic()
         with self._count_lock:
-            if (tick - self._counted_at < COUNT_REFRESH_SECONDS
-                    and self._live_estimate < self.max_sessions * EXACT_COUNT_FRACTION):
+            estimate = self._live_estimate
+            refresh = (IDLE_COUNT_REFRESH_SECONDS if estimate < self.max_sessions * BUSY_FRACTION
+                       else COUNT_REFRESH_SECONDS)
+            if tick - self._counted_at < refresh and estimate < self.max_sessions * EXACT_COUNT_FRACTION:
                 self._live_estimate += 1
                 return
         live = self._store.count(NS_SESSIONS, now=now)
@@ -159,24 +169,20 @@ class SessionManager:
                                 f"{ATTEST_FAILED}: session already used (a challenge is single use)")
         if attestation.runtime_data.nonce != session.nonce:
             raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: nonce does not match the challenge")
-        claimed = dataclasses.replace(session, state=ATTESTING)
-        claimed_entry = self._store.compare_and_set(NS_SESSIONS, session.id, claimed.to_bytes(),
-                                                    expected_version=entry.version,
-                                                    expires_at=session.expires_at)
-        if claimed_entry is None:
-            raise ProtocolError("AttestationError",
-                                f"{ATTEST_FAILED}: session already used (a challenge is single use)")
         try:
-            token = verify(claimed, attestation)
+            token = verify(session, attestation)
         except BaseException:
             self._store.delete(NS_SESSIONS, session.id)
             raise
-        done = dataclasses.replace(claimed, state=ATTESTED, token=token)
+        # One compare-and-set consumes the challenge and records the token: of concurrent /attest
+        # requests on this session (each may have verified its evidence), exactly one gets here first.
+        done = dataclasses.replace(session, state=ATTESTED, token=token)
         stored = self._store.compare_and_set(NS_SESSIONS, session.id, done.to_bytes(),
-                                             expected_version=claimed_entry.version,
+                                             expected_version=entry.version,
                                              expires_at=session.expires_at)
-        if stored is None:  # deleted or expired meanwhile; the token itself is still valid
-            raise ProtocolError("AttestationError", f"{ATTEST_FAILED}: session expired during attestation")
+        if stored is None:
+            raise ProtocolError("AttestationError",
+                                f"{ATTEST_FAILED}: session already used (a challenge is single use)")
         return done
 
     # -- resource requests ---------------------------------------------------------------------------
