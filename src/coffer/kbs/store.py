@@ -45,6 +45,22 @@ class AuditEvent:
     id: int | None = None  # assigned by the store
 
 
+def audit_filter(
+    *, since: Any, until: Any, subject: str | None, action: str | None, placeholder: str
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (possibly empty) and its parameters for an audit query, shared by the SQL
+    stores. Only constant fragments go into the clause; every value is a parameter. ``since`` and
+    ``until`` arrive already converted to the backend's time representation (or None)."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, operator, value in (("at", ">=", since), ("at", "<=", until),
+                                    ("subject", "=", subject), ("action", "=", action)):
+        if value is not None:
+            conditions.append(f"{column} {operator} {placeholder}")
+            params.append(value)
+    return ("WHERE " + " AND ".join(conditions)) if conditions else "", params
+
+
 class Store(Protocol):
     """Implementations must be safe to call from several threads, and (PostgreSQL) from several
     processes sharing one database. Every method raises :class:`coffer.errors.StorageError` (or a

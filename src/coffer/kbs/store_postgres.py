@@ -27,7 +27,7 @@ from coffer._internal.clock import as_utc
 from coffer._internal.encoding import to_jsonable
 from coffer.errors import StorageError
 from coffer.kbs import migrations
-from coffer.kbs.store import AuditEvent, Entry
+from coffer.kbs.store import AuditEvent, Entry, audit_filter
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -266,22 +266,10 @@ class PostgresStore:
     def query_audit(self, *, since: datetime | None = None, until: datetime | None = None,
                     subject: str | None = None, action: str | None = None,
                     limit: int = 1000) -> list[AuditEvent]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            conditions.append("at >= %s")
-            params.append(as_utc(since))
-        if until is not None:
-            conditions.append("at <= %s")
-            params.append(as_utc(until))
-        if subject is not None:
-            conditions.append("subject = %s")
-            params.append(subject)
-        if action is not None:
-            conditions.append("action = %s")
-            params.append(action)
-        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
-        # Only the constant fragments above are joined into the statement; values are parameters.
+        where, params = audit_filter(
+            since=None if since is None else as_utc(since),
+            until=None if until is None else as_utc(until),
+            subject=subject, action=action, placeholder="%s")
         query = ("SELECT id, at, action, subject, outcome, detail, claims::text FROM coffer_audit "  # noqa: S608
                  + where + " ORDER BY at, id LIMIT %s")
         params.append(max(limit, 0))

@@ -29,7 +29,7 @@ from coffer._internal.clock import as_utc
 from coffer._internal.encoding import to_jsonable
 from coffer.errors import StorageError
 from coffer.kbs import migrations
-from coffer.kbs.store import NS_SESSIONS, AuditEvent, Entry
+from coffer.kbs.store import NS_SESSIONS, AuditEvent, Entry, audit_filter
 
 T = TypeVar("T")
 
@@ -334,22 +334,10 @@ class SqliteStore:
     def query_audit(self, *, since: datetime | None = None, until: datetime | None = None,
                     subject: str | None = None, action: str | None = None,
                     limit: int = 1000) -> list[AuditEvent]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            conditions.append("at >= ?")
-            params.append(to_micros(since))
-        if until is not None:
-            conditions.append("at <= ?")
-            params.append(to_micros(until))
-        if subject is not None:
-            conditions.append("subject = ?")
-            params.append(subject)
-        if action is not None:
-            conditions.append("action = ?")
-            params.append(action)
-        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
-        # Only the constant fragments above are joined into the statement; values are parameters.
+        where, params = audit_filter(
+            since=None if since is None else to_micros(since),
+            until=None if until is None else to_micros(until),
+            subject=subject, action=action, placeholder="?")
         query = ("SELECT id, at, action, subject, outcome, detail, claims FROM coffer_audit "  # noqa: S608
                  + where + " ORDER BY at, id LIMIT ?")
         params.append(max(limit, 0))
