@@ -39,6 +39,10 @@ _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 
 
+
+# TPM2_GetRandom(8): tag TPM_ST_NO_SESSIONS, size 12, command code 0x17B, bytesRequested 8.
+_TPM2_GET_RANDOM_8 = bytes.fromhex("80010000000c0000017b0008")
+
 class SwtpmError(RuntimeError):
     """swtpm could not be set up or started (the message carries the end of its log)."""
 
@@ -233,15 +237,38 @@ class Swtpm:
         raise SwtpmError(f"swtpm did not become ready in {_START_TIMEOUT:.0f} s: {self._log_tail()}")
 
     def _ready(self) -> bool:
+        """The sockets exist and the TPM answers a command. swtpm opens its sockets before it has
+        loaded its state, so an existing socket alone does not mean the TPM will stay up."""
         if self.transport == "unix":
             assert self._sock_dir is not None
-            return (self._sock_dir / "tpm").exists() and (self._sock_dir / "tpm.ctrl").exists()
-        for port in (self._port, self._port + 1):
+            if not ((self._sock_dir / "tpm").exists() and (self._sock_dir / "tpm.ctrl").exists()):
+                return False
+        else:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.settimeout(0.2)
-                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                if probe.connect_ex(("127.0.0.1", self._port + 1)) != 0:
                     return False
-        return True
+        return self._answers_get_random()
+
+    def _answers_get_random(self) -> bool:
+        family = socket.AF_UNIX if self.transport == "unix" else socket.AF_INET
+        address: str | tuple[str, int] = (
+            str(self._sock_dir / "tpm") if self._sock_dir is not None and self.transport == "unix"
+            else ("127.0.0.1", self._port))
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as conn:
+                conn.settimeout(2.0)
+                conn.connect(address)
+                conn.sendall(_TPM2_GET_RANDOM_8)
+                header = b""
+                while len(header) < 10:
+                    chunk = conn.recv(10 - len(header))
+                    if not chunk:
+                        return False
+                    header += chunk
+        except OSError:
+            return False
+        return header[:2] == b"\x80\x01" and header[6:10] == b"\0\0\0\0"
 
     def _log_tail(self) -> str:
         try:
