@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -296,12 +296,8 @@ class Manifest:
         what = "image manifest"
         obj = load_json_object(data, what, MAX_MANIFEST_BYTES)
         _schema_version(obj, what)
-        declared = _get_str(obj, "mediaType", what, required=False)
-        if declared is not None and media_type is not None and declared != media_type:
-            raise FormatError(what, f"mediaType {declared!r} contradicts {media_type!r}")
-        kind = declared or media_type or media.OCI_MANIFEST
-        if kind not in media.MANIFEST_TYPES:
-            raise FormatError(what, f"unknown manifest media type {kind!r}")
+        kind = _document_media_type(obj, media_type, what, default=media.OCI_MANIFEST,
+                                    allowed=media.MANIFEST_TYPES, kind_name="manifest")
         config = Descriptor.from_obj(obj.get("config"), "manifest config descriptor")
         if config.media_type not in media.CONFIG_TYPES and config.media_type != media.OCI_EMPTY:
             # Artifacts may use other config types; images must not. Coffer acts on images.
@@ -348,6 +344,19 @@ class Manifest:
         return sha256_digest(self.raw or self.to_bytes())
 
 
+def _document_media_type(obj: Mapping[str, Any], media_type: str | None, what: str, *, default: str,
+                         allowed: Collection[str], kind_name: str) -> str:
+    """The document's media type: its own ``mediaType``, else the one it was fetched as, else the
+    OCI default; the two must agree when both are given, and the result must be of ``allowed``."""
+    declared = _get_str(obj, "mediaType", what, required=False)
+    if declared is not None and media_type is not None and declared != media_type:
+        raise FormatError(what, f"mediaType {declared!r} contradicts {media_type!r}")
+    kind = declared or media_type or default
+    if kind not in allowed:
+        raise FormatError(what, f"unknown {kind_name} media type {kind!r}")
+    return kind
+
+
 @dataclass(frozen=True, kw_only=True)
 class Index:
     """An image index (OCI) or manifest list (Docker): one manifest per platform."""
@@ -361,12 +370,8 @@ class Index:
     def parse(cls, data: bytes, *, media_type: str | None = None, what: str = "image index") -> Index:
         obj = load_json_object(data, what, MAX_INDEX_BYTES)
         _schema_version(obj, what)
-        declared = _get_str(obj, "mediaType", what, required=False)
-        if declared is not None and media_type is not None and declared != media_type:
-            raise FormatError(what, f"mediaType {declared!r} contradicts {media_type!r}")
-        kind = declared or media_type or media.OCI_INDEX
-        if kind not in media.INDEX_TYPES:
-            raise FormatError(what, f"unknown index media type {kind!r}")
+        kind = _document_media_type(obj, media_type, what, default=media.OCI_INDEX,
+                                    allowed=media.INDEX_TYPES, kind_name="index")
         manifests = tuple(
             Descriptor.from_obj(item, f"index entry {n}")
             for n, item in enumerate(_get_list(obj, "manifests", what, MAX_INDEX_ENTRIES, required=True))
