@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -156,7 +156,7 @@ def key_algorithms(key: AdminPublicKey) -> frozenset[str]:
 def load_admin_public_key(pem: bytes, source: str = "admin public key") -> AdminPublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{source}: not a PEM public key") from exc
     if isinstance(key, Ed25519PublicKey):
         return key
@@ -168,7 +168,7 @@ def load_admin_public_key(pem: bytes, source: str = "admin public key") -> Admin
 def load_admin_private_key(pem: bytes, source: str = "admin private key") -> AdminPrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise UsageError(f"{source}: not an unencrypted PEM private key") from exc
     if isinstance(key, Ed25519PrivateKey):
         return key
