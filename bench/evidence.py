@@ -183,16 +183,20 @@ def _synthetic_tdx_case(reference: Callable[[], None]) -> Case:
 
 def tdx_collateral_dir(testing: Path, target: Path) -> None:
     """go-tdx-guest's PCS fixtures, renamed into Coffer's offline collateral layout."""
+    from coffer.evidence.dcap.sources import LAYOUT  # noqa: PLC0415
+
+    sources = {
+        "tcb_info": "testdata/sample_tcbInfo_response",
+        "tcb_info_issuer_chain": "derived_tcb_info_issuer_chain.pem",
+        "qe_identity": "testdata/sample_qeIdentity_response",
+        "qe_identity_issuer_chain": "derived_qe_identity_issuer_chain.pem",
+        "pck_crl": "testdata/pckcrl",
+        "pck_crl_issuer_chain": "derived_pck_crl_issuer_chain.pem",
+        "root_ca_crl": "testdata/rootcrl.der",
+    }
     target.mkdir(parents=True, exist_ok=True)
-    data = testing / "testdata"
-    shutil.copyfile(data / "sample_tcbInfo_response", target / "tcb_info.json")
-    shutil.copyfile(data / "sample_qeIdentity_response", target / "qe_identity.json")
-    shutil.copyfile(testing / "derived_tcb_info_issuer_chain.pem", target / "tcb_info_issuer_chain.pem")
-    shutil.copyfile(testing / "derived_qe_identity_issuer_chain.pem",
-                    target / "qe_identity_issuer_chain.pem")
-    shutil.copyfile(data / "pckcrl", target / "pck_crl.der")
-    shutil.copyfile(testing / "derived_pck_crl_issuer_chain.pem", target / "pck_crl_issuer_chain.pem")
-    shutil.copyfile(data / "rootcrl.der", target / "root_ca_crl.der")
+    for key, relative in sources.items():
+        shutil.copyfile(testing / relative, target / LAYOUT[key])
 
 
 def _verify_once(case: Case) -> Callable[[], None]:

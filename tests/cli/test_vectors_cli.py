@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coffer.cli import main
-from tests.conftest import vector_bytes, vector_path
+from tests.conftest import vector_bytes, vector_path, write_t5_collateral
 
 
 @dataclass(frozen=True)
@@ -134,14 +134,7 @@ def _prepare(name: str, tmp: Path) -> str:
         path.write_bytes(hcl[0x20:0x20 + 0x4A0])
         return str(path)
     if name == "t5-collateral":
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-        from evidence import tdx_collateral_dir
-
-        target = tmp / "t5"
-        tdx_collateral_dir(vector_path("go-tdx-guest/testing"), target)
-        return str(target)
+        return str(write_t5_collateral(tmp / "t5"))
     raise AssertionError(name)
 
 

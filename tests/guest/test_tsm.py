@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from coffer.errors import PolicyDeniedError, UnsupportedError, VerificationError
 from coffer.evidence import verify
 from coffer.evidence.base import VerifyOptions
-from coffer.evidence.dcap.sources import LAYOUT
 from coffer.evidence.snp.wire import rebuild_report
 from coffer.guest.attesters import attester_for
 from coffer.guest.attesters.base import AttesterError
@@ -43,7 +42,7 @@ from coffer.guest.attesters.tsm import (
     parse_cert_table,
     snp_report_json,
 )
-from tests.conftest import vector_bytes
+from tests.conftest import vector_bytes, write_t5_collateral
 from tests.guest.fakes import SimulatedTsm
 
 pytestmark = pytest.mark.vectors
@@ -314,20 +313,7 @@ def tdx_attester(tmp_path: Path, quote: bytes, ccel: bytes | None) -> tuple[TdxA
 
 @pytest.fixture
 def t5_dir(tmp_path: Path) -> Path:
-    files = {
-        "tcb_info": GTG + "testdata/sample_tcbInfo_response",
-        "tcb_info_issuer_chain": GTG + "derived_tcb_info_issuer_chain.pem",
-        "qe_identity": GTG + "testdata/sample_qeIdentity_response",
-        "qe_identity_issuer_chain": GTG + "derived_qe_identity_issuer_chain.pem",
-        "pck_crl": GTG + "testdata/pckcrl",
-        "pck_crl_issuer_chain": GTG + "derived_pck_crl_issuer_chain.pem",
-        "root_ca_crl": GTG + "testdata/rootcrl.der",
-    }
-    out = tmp_path / "collateral"
-    out.mkdir()
-    for key, src in files.items():
-        (out / LAYOUT[key]).write_bytes(vector_bytes(src))
-    return out
+    return write_t5_collateral(tmp_path / "collateral")
 
 
 def test_tdx_quote_and_event_log_from_configfs(tmp_path: Path, t5_dir: Path) -> None:

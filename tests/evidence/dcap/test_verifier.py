@@ -24,7 +24,7 @@ from coffer.evidence.dcap import (
     verify_tdx_quote,
 )
 from coffer.evidence.dcap.sources import LAYOUT, signed_body
-from tests.conftest import vector_bytes, vector_path
+from tests.conftest import vector_bytes, vector_path, write_t5_collateral
 
 pytestmark = pytest.mark.vectors
 
@@ -49,18 +49,7 @@ def _opts(at: datetime, **kw: object) -> VerifyOptions:
 
 @pytest.fixture
 def t5_dir(tmp_path: Path) -> Path:
-    files = {
-        "tcb_info": GTG + "testdata/sample_tcbInfo_response",
-        "tcb_info_issuer_chain": GTG + "derived_tcb_info_issuer_chain.pem",
-        "qe_identity": GTG + "testdata/sample_qeIdentity_response",
-        "qe_identity_issuer_chain": GTG + "derived_qe_identity_issuer_chain.pem",
-        "pck_crl": GTG + "testdata/pckcrl",
-        "pck_crl_issuer_chain": GTG + "derived_pck_crl_issuer_chain.pem",
-        "root_ca_crl": GTG + "testdata/rootcrl.der",
-    }
-    for key, src in files.items():
-        (tmp_path / LAYOUT[key]).write_bytes(vector_bytes(src))
-    return tmp_path
+    return write_t5_collateral(tmp_path)
 
 
 @pytest.fixture
