@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from coffer import __version__
-from coffer.cli import _attest, _evidence, _kbs, _kbs_admin, _token
+from coffer.cli import _attest, _evidence, _image, _kbs, _kbs_admin, _token
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError, VerificationError
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _kbs.register(groups)
     _kbs_admin.register(groups)
     _token.register(groups)
+    _image.register(groups)
     return parser
 
 

@@ -63,7 +63,7 @@ def register(groups: Any) -> None:
     parser.set_defaults(handler=run_attest)
 
 
-def _attester_options(pairs: list[str]) -> dict[str, Any]:
+def attester_options(pairs: list[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -108,13 +108,14 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _transport(args: argparse.Namespace) -> httpx.BaseTransport | None:
-    if args.ca_cert is None:
+def kbs_transport(ca_cert: Path | None) -> httpx.BaseTransport | None:
+    """The HTTP transport for a KBS whose TLS certificate chains to ``ca_cert`` (None: the default)."""
+    if ca_cert is None:
         return None
     try:
-        context = ssl.create_default_context(cafile=str(args.ca_cert))
+        context = ssl.create_default_context(cafile=str(ca_cert))
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"{args.ca_cert}: not a usable CA bundle ({exc})") from exc
+        raise UsageError(f"{ca_cert}: not a usable CA bundle ({exc})") from exc
     return httpx.HTTPTransport(verify=context)
 
 
@@ -127,7 +128,7 @@ def run_attest(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("--out needs a --resource")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    options = _attester_options(args.attester_option)
+    options = attester_options(args.attester_option)
     init_data = None
     if args.initdata is not None:
         init_data, digest = _read_initdata(args.initdata)
@@ -143,7 +144,7 @@ def run_attest(args: argparse.Namespace, out: Output) -> int:
     summary: dict[str, Any] = {"kbs": args.kbs, "tee": args.tee}
     fetched: list[dict[str, Any]] = []
     with KbsClient(args.kbs, attester, key=TeeKeyPair.generate(args.key_type), init_data=init_data,
-                   transport=_transport(args), timeout=args.timeout) as client:
+                   transport=kbs_transport(args.ca_cert), timeout=args.timeout) as client:
         try:
             token = client.attest()
             for resource in resources:

@@ -24,8 +24,8 @@ import httpx
 
 from coffer._internal.clock import as_utc, parse_reference_time, utc_now
 from coffer.cli._output import Output
-from coffer.errors import ProtocolError, TransportError, UsageError
-from coffer.kbs import admin
+from coffer.errors import ProtocolError, UsageError
+from coffer.kbs import admin, admin_client
 
 URL_ENV = "COFFER_KBS_URL"
 TOKEN_ENV = "COFFER_KBS_ADMIN_TOKEN"  # noqa: S105  (a variable name, not a secret)
@@ -301,30 +301,9 @@ def _http_client(args: argparse.Namespace) -> httpx.Client:
 def _call(args: argparse.Namespace, method: str, path: str, *, content: bytes | None = None,
           json_body: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
           headers: Mapping[str, str] | None = None) -> httpx.Response:
-    all_headers = {"Authorization": f"Bearer {_token(args)}", **(headers or {})}
-    try:
-        with _http_client(args) as client:
-            response = client.request(method, path, content=content, json=json_body,
-                                      params={k: v for k, v in (params or {}).items() if v is not None},
-                                      headers=all_headers)
-    except httpx.HTTPError as exc:
-        raise TransportError(f"KBS request {method} {path} failed: {exc.__class__.__name__}: {exc}") from exc
-    if response.status_code >= 300:
-        raise _failure(response)
-    return response
-
-
-def _failure(response: httpx.Response) -> ProtocolError:
-    kind, detail = "HTTPFailed", response.reason_phrase or "request failed"
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("type"), str):
-        kind = body["type"].rsplit("/", 1)[-1] or kind
-        if isinstance(body.get("detail"), str):
-            detail = body["detail"]
-    return ProtocolError(kind, f"KBS answered {response.status_code}: {detail}")
+    with admin_client.AdminClient(_token(args), client=_http_client(args)) as client:
+        return client.request(method, path, content=content, json_body=json_body, params=params,
+                              headers=headers)
 
 
 def _json(response: httpx.Response) -> Any:
@@ -335,10 +314,7 @@ def _json(response: httpx.Response) -> Any:
 
 
 def _resource_path(text: str) -> str:
-    path = text.removeprefix("kbs:///").strip("/")
-    if path.count("/") != 2 or not all(path.split("/")):
-        raise UsageError(f"resource path must be REPO/TYPE/TAG, got {text!r}")
-    return path
+    return admin_client.resource_path(text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class BlobWriter:
         self._file = os.fdopen(fd, "wb")
         self._done = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)
         self._size += len(chunk)
@@ -128,6 +128,10 @@ class BlobWriter:
             size=self._size,
             annotations=parse_annotations(annotations, "blob descriptor"),
         )
+
+    def final_path(self, digest: str) -> Path:
+        """Where a committed blob of ``digest`` lives."""
+        return self._layout.blob_path(digest)
 
     def abort(self) -> None:
         if self._done:

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final
+from typing import IO, Any, BinaryIO, Final, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
@@ -654,6 +654,12 @@ def _chunks(src: IO[bytes], chunk_size: int) -> Iterator[memoryview]:
             yield memoryview(data)
 
 
+class ByteSink(Protocol):
+    """Where streamed output goes: a binary file, or a destination's blob sink."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
 @dataclass(frozen=True)
 class EncryptedLayer:
     """What changes in the layer descriptor: digest, annotations (size stays the same)."""
@@ -666,7 +672,7 @@ class EncryptedLayer:
 
 def encrypt_layer(
     src: BinaryIO,
-    dst: IO[bytes],
+    dst: ByteSink,
     *,
     jwe: Sequence[JweRecipient] = (),
     kek: Sequence[KekRecipient] = (),
@@ -776,7 +782,7 @@ class DecryptedLayer:
 
 def _decrypt_stream(
     src: BinaryIO,
-    dst: IO[bytes],
+    dst: ByteSink,
     private: PrivateOptions,
     public: PublicOptions,
     *,
@@ -820,6 +826,23 @@ def _options(annotations: Mapping[str, str], keys: DecryptionKeys) -> tuple[Priv
     return unwrap_private_options(annotations, keys), public
 
 
+def decrypt_layer(
+    src: BinaryIO,
+    dst: ByteSink,
+    annotations: Mapping[str, str],
+    keys: DecryptionKeys,
+    *,
+    expected_size: int | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> DecryptedLayer:
+    """Decrypt ``src`` into ``dst``: the layer key is unwrapped first, and the HMAC and plaintext
+    digest are checked after the last byte. ``dst`` holds unauthenticated plaintext until this
+    returns, so it must be a staging place the caller discards when this raises.
+    """
+    private, public = _options(annotations, keys)
+    return _decrypt_stream(src, dst, private, public, expected_size=expected_size, chunk_size=chunk_size)
+
+
 def decrypt_layer_to_path(
     src: BinaryIO,
     dest: Path,
@@ -833,14 +856,13 @@ def decrypt_layer_to_path(
 
     On any failure nothing is left at ``dest`` (an existing file there is not touched).
     """
-    private, public = _options(annotations, keys)
     dest = Path(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=".coffer-decrypt-", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            result = _decrypt_stream(
-                src, out, private, public, expected_size=expected_size, chunk_size=chunk_size
+            result = decrypt_layer(
+                src, out, annotations, keys, expected_size=expected_size, chunk_size=chunk_size
             )
         os.replace(tmp, dest)
     except BaseException:
@@ -863,7 +885,7 @@ def decrypt_layer_to_tempfile(
 
     The caller owns (and must close) the returned file. On failure it is closed and gone.
     """
-    private, public = _options(annotations, keys)
+    private, public = _options(annotations, keys)  # unwrap before creating anything
     out = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 - handed to the caller on success
     try:
         result = _decrypt_stream(

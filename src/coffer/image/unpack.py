@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
+import hmac
 import io
 import os
 import shutil
@@ -38,7 +40,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final, Literal, cast
@@ -226,6 +228,23 @@ def _open_layer(stream: IO[bytes], compression: LayerCompression) -> IO[bytes]:
     return stream
 
 
+class _Hashing(io.RawIOBase):
+    """Passes a (decompressed) layer stream through, hashing it: the layer's diff_id."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self._inner = inner
+        self.hasher = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._inner.read(len(buffer))
+        self.hasher.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
 class _Prefixed(io.RawIOBase):
     """A read-only stream that yields ``prefix`` and then the rest of ``inner``."""
 
@@ -255,11 +274,14 @@ def unpack_layer(
     limits: UnpackLimits | None = None,
     preserve_owner: bool | None = None,
     stats: UnpackStats | None = None,
+    diff_id: str | None = None,
 ) -> UnpackStats:
     """Apply one layer tarball onto the existing directory ``root_path``.
 
-    ``preserve_owner`` defaults to "running as root". On error the directory may hold part of the
-    layer (never anything outside it); :func:`unpack_image` cleans up.
+    ``preserve_owner`` defaults to "running as root". With ``diff_id``, the uncompressed tar stream
+    must have that digest (checked after the last byte, so a mismatch fails the whole unpack). On
+    error the directory may hold part of the layer (never anything outside it); :func:`unpack_image`
+    cleans up.
     """
     limits = limits or UnpackLimits()
     owner = os.geteuid() == 0 if preserve_owner is None else preserve_owner
@@ -269,9 +291,19 @@ def unpack_layer(
     state = _LayerState()
     try:
         try:
-            with tarfile.open(fileobj=_open_layer(stream, compression), mode="r|") as archive:
+            hashing = _Hashing(_open_layer(stream, compression))
+            tar_stream = io.BufferedReader(hashing, buffer_size=1024 * 1024)
+            with tarfile.open(fileobj=tar_stream, mode="r|") as archive:
                 for member in archive:
                     _apply(root, state, archive, member)
+            if diff_id is not None:
+                # The end-of-archive blocks and any padding after them belong to the diff_id too.
+                while tar_stream.read(1024 * 1024):
+                    pass
+                actual = "sha256:" + hashing.hasher.hexdigest()
+                if not hmac.compare_digest(actual, diff_id):
+                    raise FormatError("layer archive", f"uncompressed digest {actual} differs from the "
+                                      f"config's diff_id {diff_id}")
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise FormatError("layer archive", f"not a valid tar stream: {exc}") from exc
         for meta in reversed(state.dirs):
@@ -453,11 +485,13 @@ def unpack_image(
     *,
     limits: UnpackLimits | None = None,
     preserve_owner: bool | None = None,
+    diff_ids: Sequence[str] | None = None,
 ) -> UnpackStats:
     """Unpack ``layers`` (bottom first) into ``destination``, which must not exist or be empty.
 
     Each layer is given as a function opening its (already verified, already decrypted) blob stream
-    and its compression. On any error nothing is left at ``destination``.
+    and its compression; ``diff_ids`` (the config's) are then checked layer by layer. On any error
+    nothing is left at ``destination``.
     """
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise UsageError(f"{destination} already exists and is not empty")
@@ -465,7 +499,9 @@ def unpack_image(
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.unpack-", dir=destination.parent))
     stats = UnpackStats()
     try:
-        for opener, compression in layers:
+        for position, (opener, compression) in enumerate(layers):
+            if diff_ids is not None and position >= len(diff_ids):
+                raise FormatError("image config", "fewer diff_ids than layers")
             with opener() as stream:
                 unpack_layer(
                     staging,
@@ -474,6 +510,7 @@ def unpack_image(
                     limits=limits,
                     preserve_owner=preserve_owner,
                     stats=stats,
+                    diff_id=None if diff_ids is None else diff_ids[position],
                 )
         os.chmod(staging, 0o755)  # noqa: S103 - an image root is world-readable, like /
         if destination.exists():
