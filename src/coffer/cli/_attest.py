@@ -92,7 +92,7 @@ def _read_initdata(path: Path) -> tuple[InitData, bytes]:
     return InitData(format="toml", body=text), digest
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically, readable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -154,7 +154,7 @@ def run_attest(args: argparse.Namespace, out: Output) -> int:
             report.error(str(exc), kind=exc.kind)
             return EXIT_REFUSED
         if args.token_out is not None:
-            _write_private(args.token_out, token.encode("ascii") + b"\n")
+            write_private(args.token_out, token.encode("ascii") + b"\n")
             summary["token_written_to"] = str(args.token_out)
         if client.report_data is not None:
             summary["report_data"] = client.report_data.hex()
@@ -186,6 +186,6 @@ def _deliver(resource: str, data: bytes, target: str | None, *, several: bool) -
     path = Path(target) / resource if several else Path(target)
     if not several and path.is_dir():
         path = path / resource.replace("/", "_")
-    _write_private(path, data)
+    write_private(path, data)
     entry["written_to"] = str(path)
     return entry

@@ -8,18 +8,20 @@ options and calls :mod:`coffer.image`.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from coffer.cli._attest import attester_options, kbs_transport
+from coffer.cli._attest import attester_options, kbs_transport, write_private
 from coffer.cli._output import Output
 from coffer.cli._progress import ProgressLine
 from coffer.errors import ProtocolError, UsageError
 from coffer.guest.attesters import TEES as ATTESTER_TEES
 from coffer.guest.attesters import attester_for
 from coffer.image import keys as image_keys
-from coffer.image import ocicrypt
+from coffer.image import ocicrypt, signing, trust_policy
 from coffer.image.locations import open_destination, open_source
 from coffer.image.pipeline import (
     CopyResult,
@@ -32,7 +34,7 @@ from coffer.image.pipeline import (
     parse_platform,
     unpack_from_source,
 )
-from coffer.image.reference import ImageRef, parse_reference
+from coffer.image.reference import ImageRef, RegistryRef, parse_reference
 from coffer.image.transport import Progress, TransportOptions, no_progress
 from coffer.kbs.admin_client import AdminClient
 from coffer.kbs.client import KbsClient
@@ -43,6 +45,9 @@ EXIT_REFUSED = 1
 KBS_URL_ENV = "COFFER_KBS_URL"
 ADMIN_TOKEN_ENV = "COFFER_KBS_ADMIN_TOKEN"  # noqa: S105 - a variable name
 REGISTRY_PASSWORD_ENV = "COFFER_REGISTRY_PASSWORD"  # noqa: S105 - a variable name
+SIGNING_PASSWORD_ENV = "COFFER_SIGNING_PASSWORD"  # noqa: S105 - a variable name
+COSIGN_PASSWORD_ENV = "COSIGN_PASSWORD"  # noqa: S105 - a variable name
+MAX_KEY_FILE = 64 * 1024
 
 _EPILOG = """\
 Image names: oci:PATH[:TAG], docker-archive:PATH[:NAME:TAG|:@N], docker://HOST/REPO[:TAG|@DIGEST].
@@ -88,6 +93,36 @@ def register(groups: Any) -> None:
     inspect = _command(commands, "inspect", "show an image's digests, platforms and layers",
                        run_inspect, two_refs=False)
     _platform_option(inspect, all_allowed=True)
+
+    keygen = commands.add_parser(
+        "keygen", help="create a cosign-compatible signing key pair",
+        description="Create an ECDSA P-256 key pair in cosign's format: PREFIX.key (encrypted with a "
+                    "password) and PREFIX.pub. The password comes from $COFFER_SIGNING_PASSWORD or "
+                    "$COSIGN_PASSWORD, else it is asked for on the terminal.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    keygen.add_argument("--output-key-prefix", default="cosign", metavar="PREFIX",
+                        help="write PREFIX.key and PREFIX.pub (default cosign)")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.add_argument("--json", action="store_true", help="machine-readable output")
+    keygen.set_defaults(handler=run_keygen)
+
+    sign = _command(commands, "sign",
+                    "sign an image (cosign key-based simple signing, tag sha256-<digest>.sig)",
+                    run_sign, two_refs=False)
+    _signing_options(sign)
+
+    verify = _command(commands, "verify", "verify an image's signatures under a containers-policy.json",
+                      run_verify, two_refs=False)
+    verify.add_argument("--policy", type=Path, required=True, metavar="policy.json",
+                        help="containers-policy.json(5): insecureAcceptAnything, reject, sigstoreSigned")
+    verify.add_argument("--identity", metavar="HOST/REPO[:TAG]",
+                        help="the docker reference an oci: or docker-archive: image stands for")
+
+    protect = _command(commands, "protect", "encrypt and sign an image, and print the values a policy pins",
+                       run_protect, two_refs=True)
+    _encryption_options(protect)
+    _signing_options(protect, option="--sign-key")
+    _platform_option(protect, all_allowed=True)
 
     parser.set_defaults(handler=lambda args, out: _help(parser))
 
@@ -139,6 +174,17 @@ def _encryption_options(parser: argparse.ArgumentParser) -> None:
                         help=f"KBS admin token (default ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--admin-token-file", type=Path, metavar="FILE", help="read the admin token here")
     parser.add_argument("--kbs-ca-cert", type=Path, metavar="PEM", help="CA bundle for an https KBS")
+
+
+def _signing_options(parser: argparse.ArgumentParser, *, option: str = "--key") -> None:
+    parser.add_argument(option, dest="sign_key", type=Path, required=True, metavar="cosign.key",
+                        help="signing key (cosign format, or PKCS#8 / SEC1 PEM)")
+    parser.add_argument("--key-password-file", dest="sign_password_file", type=Path, metavar="FILE",
+                        help=f"password of the signing key (else ${SIGNING_PASSWORD_ENV} or "
+                             "$COSIGN_PASSWORD, else asked on the terminal)")
+    parser.add_argument("--identity", metavar="HOST/REPO[:TAG]",
+                        help="the signed docker reference (default: the destination's repository:tag; "
+                             "required for oci: images)")
 
 
 def _decryption_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -234,6 +280,7 @@ def _kbs_url(args: argparse.Namespace) -> str:
 def encryption_transform(args: argparse.Namespace,
                          progress: Progress) -> tuple[EncryptLayers, list[dict[str, Any]]]:
     """The encrypt transform for --key/--recipient options, and a report of the keys (no key bytes)."""
+    select = parse_layers(args.layers)
     if not args.key and not args.recipient:
         raise UsageError("give at least one --key kbs:///… or --recipient jwe:PUBLIC.pem")
     jwe = [image_keys.jwe_recipient(spec) for spec in args.recipient]
@@ -248,7 +295,7 @@ def encryption_transform(args: argparse.Namespace,
                 kek.append(found.recipient)
                 report.append({"type": "kbs", "kid": found.recipient.kid,
                                "key": "created" if found.created else "reused"})
-    return EncryptLayers(jwe=jwe, kek=kek, select=parse_layers(args.layers), progress=progress), report
+    return EncryptLayers(jwe=jwe, kek=kek, select=select, progress=progress), report
 
 
 class _KbsSession:
@@ -352,4 +399,128 @@ def run_inspect(args: argparse.Namespace, out: Output) -> int:
     with open_source(ref, _options(args, args.creds)) as source:
         data = describe_image(source, parse_platform(args.platform) if args.platform else None)
     out.result({"image": args.image, **data}, title=args.image)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# Signing
+
+
+def _password_from_env() -> bytes | None:
+    for name in (SIGNING_PASSWORD_ENV, COSIGN_PASSWORD_ENV):
+        if name in os.environ:
+            return os.environ[name].encode()
+    return None
+
+
+def _ask_password(prompt: str, *, confirm: bool) -> bytes:
+    if not sys.stdin.isatty():
+        raise UsageError(f"no password: set ${SIGNING_PASSWORD_ENV} (or $COSIGN_PASSWORD) or use a terminal")
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Repeat the password: ") != first:
+        raise UsageError("the passwords differ")
+    return first.encode()
+
+
+def _read_small(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_KEY_FILE:
+        raise UsageError(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
+    return data
+
+
+def _signing_key(args: argparse.Namespace) -> signing.SigningKey:
+    data = _read_small(args.sign_key, "signing key")
+    if args.sign_password_file is not None:
+        password: bytes | None = _read_small(args.sign_password_file, "password file").rstrip(b"\r\n")
+    else:
+        password = _password_from_env()
+    if password is None and b"ENCRYPTED" in data:
+        password = _ask_password(f"Password for {args.sign_key}: ", confirm=False)
+    return signing.load_private_key(data, password)
+
+
+def _identity(args: argparse.Namespace, ref: ImageRef) -> str:
+    if args.identity:
+        return str(args.identity)
+    if isinstance(ref, RegistryRef):
+        return ref.name + (f":{ref.tag}" if ref.tag else "")
+    raise UsageError("signing an oci: or docker-archive: image needs --identity HOST/REPO[:TAG] "
+                     "(the reference the signature vouches for)")
+
+
+def _sign(args: argparse.Namespace, ref: ImageRef, key: signing.SigningKey,
+          creds: str | None) -> dict[str, Any]:
+    identity = _identity(args, ref)
+    options = _options(args, creds)
+    with open_source(ref, options) as source, open_destination(ref, options) as destination:
+        result = signing.sign_image(source, destination, key, docker_reference=identity)
+        destination.commit()
+    return {"manifest_digest": result.manifest_digest, "signature_tag": result.signature_tag,
+            "signature_manifest": result.signature_manifest.digest, "signatures": result.signature_count,
+            "identity": identity, "key_fingerprint": key.public_key.fingerprint}
+
+
+def run_keygen(args: argparse.Namespace, out: Output) -> int:
+    private_path = Path(f"{args.output_key_prefix}.key")
+    public_path = Path(f"{args.output_key_prefix}.pub")
+    for path in (private_path, public_path):
+        if path.exists() and not args.force:
+            raise UsageError(f"{path} exists; use --force to overwrite it")
+    password = _password_from_env()
+    if password is None:
+        password = _ask_password("Password for the new private key: ", confirm=True)
+    private_pem, public_pem = signing.generate_key_pair(password)
+    write_private(private_path, private_pem)
+    public_path.write_bytes(public_pem)
+    fingerprint = signing.load_public_key(public_pem).fingerprint
+    out.result({"private_key": str(private_path), "public_key": str(public_path), "fingerprint": fingerprint},
+               title="signing key pair written")
+    return EXIT_OK
+
+
+def run_sign(args: argparse.Namespace, out: Output) -> int:
+    ref = parse_reference(args.image)
+    key = _signing_key(args)
+    report = _sign(args, ref, key, args.creds)
+    out.result({"image": args.image, **report}, title=f"signed {args.image}")
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace, out: Output) -> int:
+    ref = parse_reference(args.image)
+    policy = trust_policy.load_policy(args.policy)
+    with open_source(ref, _options(args, args.creds)) as source:
+        verified = trust_policy.verify_image(policy, ref, source, identity=args.identity)
+    out.result({
+        "image": args.image, "ok": True, "scope": verified.scope, "manifest_digest": verified.manifest_digest,
+        "requirements": list(verified.requirements),
+        "signatures": [{"key_fingerprint": s.key_fingerprint, "identity": s.docker_reference}
+                       for s in verified.signatures],
+    }, title=f"verified {args.image}")
+    return EXIT_OK
+
+
+def run_protect(args: argparse.Namespace, out: Output) -> int:
+    parse_reference(args.source)
+    dst_ref = parse_reference(args.destination)
+    key = _signing_key(args)  # before any upload, so a wrong password costs nothing
+    _identity(args, dst_ref)
+    transform, keys_report = encryption_transform(args, _progress(args))
+    result = _run(args, transform, needs_encryption=True)
+    signature = _sign(args, dst_ref, key, args.dest_creds)
+    out.result({
+        "image": args.destination,
+        "reference_values": {
+            "manifest_digest": result.root.digest,
+            "media_type": result.root.media_type,
+            "manifests": [m.to_json() for m in result.manifests],
+            "signature": signature,
+        },
+        "keys": keys_report,
+    }, title=f"protected {args.destination}")
     return EXIT_OK

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,7 @@ LAYOUT_VERSION: Final = "1.0.0"
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 CHUNK: Final = 1024 * 1024
 MAX_LAYOUT_INDEX_BYTES: Final = 4 * 1024 * 1024
+_ATTACHMENT_TAG: Final = re.compile(r"sha256-[0-9a-f]{64}\.(?:sig|att|sbom)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -206,6 +208,10 @@ class OciLayout:
         """The index entry named ``tag`` (``ref.name`` annotation), or the only entry if ``tag`` is None."""
         entries = self.read_index().manifests
         if tag is None:
+            # Signatures stored beside the image (cosign's sha256-<hex>.sig tags) are not images.
+            entries = tuple(
+                e for e in entries if not _ATTACHMENT_TAG.fullmatch(e.annotations.get(REF_NAME, ""))
+            )
             if len(entries) != 1:
                 raise UsageError(
                     f"{self.root} holds {len(entries)} images; name one with oci:{self.root}:TAG"
