@@ -17,7 +17,7 @@ from typing import Any
 from coffer.cli._attest import attester_options, kbs_transport, write_private
 from coffer.cli._output import Output
 from coffer.cli._progress import ProgressLine
-from coffer.errors import ProtocolError, UsageError
+from coffer.errors import UsageError
 from coffer.guest.attesters import TEES as ATTESTER_TEES
 from coffer.guest.attesters import attester_for
 from coffer.image import keys as image_keys
@@ -363,7 +363,7 @@ def run_decrypt(args: argparse.Namespace, out: Output) -> int:
         assert keys is not None
         try:
             result = _run(args, DecryptLayers(keys, progress=_progress(args)))
-        except ProtocolError as exc:
+        except image_keys.KeyReleaseRefusedError as exc:
             out.error(f"the KBS refused the key: {exc}", kind=exc.kind)
             return EXIT_REFUSED
     finally:
@@ -382,7 +382,7 @@ def run_unpack(args: argparse.Namespace, out: Output) -> int:
             try:
                 result = unpack_from_source(source, args.directory, keys=keys,
                                             platform=parse_platform(args.platform), progress=_progress(args))
-            except ProtocolError as exc:
+            except image_keys.KeyReleaseRefusedError as exc:
                 out.error(f"the KBS refused the key: {exc}", kind=exc.kind)
                 return EXIT_REFUSED
     finally:
@@ -454,11 +454,12 @@ def _identity(args: argparse.Namespace, ref: ImageRef) -> str:
 
 
 def _sign(args: argparse.Namespace, ref: ImageRef, key: signing.SigningKey,
-          creds: str | None) -> dict[str, Any]:
+          creds: str | None, manifest_digest: str | None = None) -> dict[str, Any]:
     identity = _identity(args, ref)
     options = _options(args, creds)
     with open_source(ref, options) as source, open_destination(ref, options) as destination:
-        result = signing.sign_image(source, destination, key, docker_reference=identity)
+        result = signing.sign_image(source, destination, key, docker_reference=identity,
+                                    manifest_digest=manifest_digest)
         destination.commit()
     return {"manifest_digest": result.manifest_digest, "signature_tag": result.signature_tag,
             "signature_manifest": result.signature_manifest.digest, "signatures": result.signature_count,
@@ -512,7 +513,8 @@ def run_protect(args: argparse.Namespace, out: Output) -> int:
     _identity(args, dst_ref)
     transform, keys_report = encryption_transform(args, _progress(args))
     result = _run(args, transform, needs_encryption=True)
-    signature = _sign(args, dst_ref, key, args.dest_creds)
+    # Sign what was just written, not whatever the tag names by now (it may have been moved since).
+    signature = _sign(args, dst_ref, key, args.dest_creds, manifest_digest=result.root.digest)
     out.result({
         "image": args.destination,
         "reference_values": {

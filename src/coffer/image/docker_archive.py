@@ -229,6 +229,8 @@ def _index_archive(fd: int, file_size: int) -> dict[str, _Member]:
                 if name in members:
                     raise FormatError(what, f"member {name[:100]!r} appears more than once")
                 kind = _kind(info)
+                if info.size < 0:  # tarfile accepts a negative base-256 size field
+                    raise FormatError(what, f"member {name[:100]!r} has a negative size", offset=info.offset)
                 if kind == "file" and info.offset_data + info.size > file_size:
                     raise FormatError(what, f"member {name[:100]!r} runs past the end of the file",
                                       offset=info.offset_data)

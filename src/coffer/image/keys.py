@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from coffer.errors import FormatError, UsageError
+from coffer.errors import FormatError, ProtocolError, UsageError
 from coffer.image import ocicrypt
 from coffer.kbs.admin_client import AdminClient, resource_path
 from coffer.kbs.client import KbsClient
@@ -91,6 +91,10 @@ def kek_from_kbs(admin: AdminClient, spec: str) -> KbsKek:
     return KbsKek(ocicrypt.KekRecipient(kid, kek), created=True)
 
 
+class KeyReleaseRefusedError(ProtocolError):
+    """The KBS refused the attestation or the release of a key-encryption key."""
+
+
 @dataclass
 class AttestedKekLookup:
     """``DecryptionKeys.kek_for`` backed by a KBS: attests on first use, then fetches each KEK once.
@@ -107,8 +111,11 @@ class AttestedKekLookup:
         if not kid.startswith(KBS_PREFIX):
             return None
         if kid not in self._cache:
-            if self.client.token is None:
-                self.client.attest()
-            self._cache[kid] = self.client.get_resource(resource_path(kid))
+            try:
+                if self.client.token is None:
+                    self.client.attest()
+                self._cache[kid] = self.client.get_resource(resource_path(kid))
+            except ProtocolError as exc:
+                raise KeyReleaseRefusedError(exc.kind, f"{kid}: {exc.detail}") from exc
             self.fetched.append(kid)
         return self._cache[kid]

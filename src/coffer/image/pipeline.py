@@ -37,6 +37,8 @@ from coffer.image.transport import ImageDestination, ImageSource, Progress, no_p
 from coffer.image.unpack import LayerOpener, UnpackLimits, UnpackStats, unpack_image
 
 _ARCH_ALIASES: Final = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+#: How deep indexes may nest inside the root index when they are copied unchanged.
+MAX_NESTED_INDEX_DEPTH: Final = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,12 +299,20 @@ class CopyResult:
 
 
 def _copy_untouched(entry: Descriptor, source: ImageSource, destination: ImageDestination,
-                    progress: Progress, stored: list[tuple[bytes, str]]) -> None:
+                    progress: Progress, stored: list[tuple[bytes, str]], *, seen: set[str],
+                    depth: int = 0) -> None:
     """Copy an index entry and everything under it byte for byte (manifests kept for the end)."""
+    # A hostile index can nest indexes without end, or name one nested index many times at every
+    # level (a walk that grows exponentially): each document is walked once and nesting is bounded.
+    if entry.digest in seen:
+        return
+    seen.add(entry.digest)
     if entry.media_type in media.INDEX_TYPES:
+        if depth >= MAX_NESTED_INDEX_DEPTH:
+            raise FormatError("image index", f"indexes nested more than {MAX_NESTED_INDEX_DEPTH} deep")
         nested = source.read_index(entry)
         for child in nested.manifests:
-            _copy_untouched(child, source, destination, progress, stored)
+            _copy_untouched(child, source, destination, progress, stored, seen=seen, depth=depth + 1)
         stored.append((nested.raw, entry.media_type))
         return
     manifest = source.read_manifest(entry)
@@ -384,9 +394,10 @@ def copy_image(
     entries: list[Descriptor] = []
     summaries: list[ManifestSummary] = []
     untouched: list[Descriptor] = []
+    seen: set[str] = set()
     for entry in index.manifests:
         if entry not in chosen:
-            _copy_untouched(entry, source, destination, progress, pending)
+            _copy_untouched(entry, source, destination, progress, pending, seen=seen)
             entries.append(entry)
             untouched.append(entry)
             continue

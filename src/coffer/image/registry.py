@@ -346,7 +346,8 @@ class RegistryClient:
                 verify = ssl.create_default_context(cafile=str(options.ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"cannot load CA certificates from {options.ca_file}: {exc}") from exc
-        self._http = httpx.Client(verify=verify, timeout=httpx.Timeout(options.timeout))
+        self._http = httpx.Client(verify=verify, timeout=httpx.Timeout(options.timeout),
+                                  event_hooks={"request": [self._refuse_downgrade]})
         self._challenge: Challenge | None = None
         self._pinged = False
         self._tokens: dict[str, str] = {}
@@ -364,6 +365,13 @@ class RegistryClient:
         self.close()
 
     # -- plumbing ---------------------------------------------------------------------------------
+
+    def _refuse_downgrade(self, request: httpx.Request) -> None:
+        """Every request, redirects and upload locations included: an https registry may not send
+        us to plain http (layers, possibly decrypted ones on upload, would travel in clear)."""
+        if self._base.scheme == "https" and request.url.scheme != "https":
+            raise ProtocolError("INSECURE_REDIRECT", f"registry {self.host} sent the client to plain "
+                                f"{request.url.scheme}://{request.url.host} (refused)")
 
     def _url(self, path_or_url: str) -> httpx.URL:
         return self._base.join(path_or_url)

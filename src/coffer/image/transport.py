@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -277,12 +278,17 @@ class OciLayoutDestination(ImageDestination):
         self.tag = ref.tag
         self._path = ref.path
         self._pending: list[tuple[Descriptor, str | None]] = []
+        self._children: set[str] = set()
         self._added: list[Path] = []
         self._done = False
         self._stack = contextlib.ExitStack()
+        # Blobs the layout already had: writing one again (same digest) must not make abort delete it.
+        self._existing: frozenset[str] = frozenset()
         if ref.path.exists() and (ref.path / "oci-layout").exists():
             self._layout = OciLayout.open(ref.path)
             self._staged = False
+            with contextlib.suppress(FileNotFoundError):
+                self._existing = frozenset(os.listdir(self._layout.blob_dir))
         else:
             self._layout = self._stack.enter_context(staged_layout(ref.path))
             self._staged = True
@@ -306,6 +312,9 @@ class OciLayoutDestination(ImageDestination):
 
     def put_manifest(self, data: bytes, media_type: str, *, tag: str | None) -> Descriptor:
         descriptor = self.put_blob([data], media_type)
+        if media_type in media.INDEX_TYPES:
+            # The manifests an index lists live in blobs only: index.json names images, not parts.
+            self._children.update(e.digest for e in Index.parse(data, media_type=media_type).manifests)
         self._pending.append((descriptor, tag))
         return descriptor
 
@@ -315,6 +324,9 @@ class OciLayoutDestination(ImageDestination):
         index = self._layout.read_index()
         entries = list(index.manifests)
         for descriptor, tag in self._pending:
+            if tag is None and (descriptor.digest in self._children
+                                or any(e.digest == descriptor.digest for e in entries)):
+                continue
             annotations = dict(descriptor.annotations)
             if tag is not None:
                 annotations[REF_NAME] = tag
@@ -340,6 +352,8 @@ class OciLayoutDestination(ImageDestination):
                 self._stack.__exit__(_AbortedError, _AbortedError(), None)
             return
         for path in self._added:
+            if path.name in self._existing:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
