@@ -1,6 +1,6 @@
 #!/bin/sh
 # Create the virtual environment and install Coffer with its development tools, and the Debian
-# packages the test suite and the demo use (PostgreSQL, swtpm, tpm2-tools, skopeo, umoci, docker-registry). As root, missing Debian
+# packages the test suite and the demo use (PostgreSQL, swtpm, tpm2-tools, skopeo, umoci, docker-registry, runc, busybox-static). As root, missing Debian
 # packages are installed; otherwise the exact command to run is printed and the script stops.
 set -eu
 PYTHON=${PYTHON:-python3}
@@ -30,6 +30,8 @@ need dpkg:libtss2-tcti-swtpm0 libtss2-tcti-swtpm0
 need skopeo skopeo
 need umoci umoci
 need docker-registry docker-registry
+need runc runc
+need /bin/busybox busybox-static
 
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
