@@ -32,7 +32,7 @@ import binascii
 import copy
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -670,3 +670,55 @@ def generate(
                               default_flow_style=False, allow_unicode=True, width=1 << 20)
     return GenerationResult(workloads=tuple(workloads), warnings=tuple(dict.fromkeys(settings.warnings)),
                             manifest=text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# From `coffer run` arguments
+
+
+def generate_for_run(
+    *,
+    name: str,
+    image: str,
+    command: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    image_resolver: ImageResolver | None = None,
+    pull: bool = True,
+    allow_logs: bool = True,
+    allow_exec: tuple[tuple[str, ...], ...] = (),
+    stdin: bool = False,
+    debug: bool = False,
+    attestation: AttestationRequirement | None = None,
+    aa_toml: str | None = None,
+    cdh_toml: str | None = None,
+) -> GeneratedWorkload:
+    """The policy for one container started as ``coffer run [-e K=V]… IMAGE [CMD…]`` would start it.
+
+    The arguments become a one-container Pod (``CMD`` replaces the image's Cmd, as ``docker run``
+    does, i.e. the Pod's ``args``) that goes through :func:`generate`, so a run and a Kubernetes
+    deployment of the same container get the same policy. ``allow_exec`` adds exact commands the host
+    may exec (none by default).
+    """
+    container: dict[str, Any] = {"name": name, "image": image}
+    if command:
+        container["args"] = list(command)
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    if stdin:
+        container["stdin"] = True
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
+    result = generate(
+        yaml.safe_dump(pod, sort_keys=False).encode("utf-8"), image_resolver=image_resolver, pull=pull,
+        allow_logs=allow_logs, debug=debug, attestation=attestation, aa_toml=aa_toml, cdh_toml=cdh_toml,
+        source=f"coffer run {name}")
+    workload = result.workloads[0]
+    if not allow_exec:
+        return workload
+    first = workload.policy.containers[0]
+    allowed = replace(first.allow, exec=tuple(dict.fromkeys((*first.allow.exec, *allow_exec))))
+    policy = replace(workload.policy, containers=(replace(first, allow=allowed),
+                                                  *workload.policy.containers[1:]))
+    policy_rego = engine.compile_policy(policy)
+    document = initdata.build_initdata(policy_rego, algorithm="sha256", aa_toml=aa_toml, cdh_toml=cdh_toml)
+    return replace(workload, policy=policy, policy_rego=policy_rego, initdata=document,
+                   annotation=initdata.initdata_annotation(document))
