@@ -32,8 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import yaml  # type: ignore[import-untyped]  # types-PyYAML is not installed
-
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError
 from coffer.guest.protocol import AgentClient, BlockedByPolicyError
@@ -42,7 +40,7 @@ from coffer.image.transport import TransportOptions
 from coffer.policy import initdata as initdata_mod
 from coffer.policy.document import load_policy_file
 from coffer.policy.engine import compile_policy
-from coffer.policy.generate import ImageResolver, OciLayoutResolver, RegistryResolver, generate
+from coffer.policy.generate import ImageResolver, OciLayoutResolver, RegistryResolver, generate_for_run
 from coffer.policy.model import EnvRule, WorkloadPolicy
 from coffer.policy.requests import ContainerSpec, container_request, exec_request, sandbox_request
 from coffer.sandbox.backend import DEVELOPMENT_LABEL, PortMapping, SandboxSpec
@@ -202,15 +200,8 @@ class _LayoutsResolver:
 def generated_policy(*, name: str, image: str, command: Sequence[str], env: dict[str, str],
                      resolver: ImageResolver) -> tuple[WorkloadPolicy, ContainerSpec, bytes]:
     """A policy allowing exactly this container (logs allowed, exec denied), its spec, its initdata."""
-    container: dict[str, Any] = {"name": name, "image": image}
-    if command:
-        container["args"] = list(command)
-    if env:
-        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
-    result = generate(yaml.safe_dump(pod).encode(), image_resolver=resolver, allow_logs=True,
-                      source="coffer run arguments")
-    workload = result.workloads[0]
+    workload = generate_for_run(name=name, image=image, command=list(command), env=env,
+                                image_resolver=resolver, allow_logs=True)
     return workload.policy, workload.specs[0], workload.initdata
 
 
