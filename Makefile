@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml scripts/bootstrap.sh | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test lint typecheck unit bench install clean
+.PHONY: demo demo-evidence test lint typecheck unit bench install clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	@PYTHON=$(PYTHON) VENV=$(VENV) sh scripts/bootstrap.sh
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 install: $(STAMP)
 
 demo: $(STAMP)
+	@$(VENV)/bin/coffer quickstart
+
+demo-evidence: $(STAMP)
 	@$(PY) scripts/demo.py
 
 lint: $(STAMP)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from coffer import __version__
-from coffer.cli import _attest, _evidence, _image, _kbs, _kbs_admin, _policy, _run, _token
+from coffer.cli import _attest, _evidence, _image, _kbs, _kbs_admin, _policy, _quickstart, _run, _token
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError, VerificationError
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image.register(groups)
     _policy.register(groups)
     _run.register(groups)
+    _quickstart.register(groups)
     return parser
 
 

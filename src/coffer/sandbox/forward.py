@@ -200,6 +200,10 @@ def _parse_maps(kind: str, items: Sequence[str]) -> list[tuple[socket.socket, Co
         if kind == "host":
             listener = socket.socket(fileno=int(left))
             routes.append((listener, unix_connector(Path(right))))
+        elif kind == "egress-host":  # UNIX_PATH=PORT: the sandbox's way out to 127.0.0.1:PORT on the host
+            routes.append((bind_unix(Path(left)), tcp_connector("127.0.0.1", int(right))))
+        elif kind == "egress-inner":  # PORT=UNIX_PATH: 127.0.0.1:PORT in the sandbox's netns
+            routes.append((bind_tcp("127.0.0.1", int(left)), unix_connector(Path(right))))
         else:
             port = int(right)
             if not 1 <= port <= 65535:
@@ -210,7 +214,7 @@ def _parse_maps(kind: str, items: Sequence[str]) -> list[tuple[socket.socket, Co
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coffer.sandbox.forward")
-    parser.add_argument("kind", choices=("host", "inner"))
+    parser.add_argument("kind", choices=("host", "inner", "egress-host", "egress-inner"))
     parser.add_argument("--map", action="append", default=[], dest="maps",
                         help="host: LISTEN_FD=UNIX_PATH; inner: UNIX_PATH=PORT")
     args = parser.parse_args(argv)

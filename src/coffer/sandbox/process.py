@@ -94,6 +94,11 @@ fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))  # SIOCSIFFLAGS: I
 s.close()
 socket.sethostname(cfg["hostname"])
 children = []
+if cfg.get("egress"):
+    out = [sys.executable, "-m", "coffer.sandbox.forward", "egress-inner"]
+    for item in cfg["egress"]:
+        out += ["--map", item]
+    children.append(subprocess.Popen(out, stdin=subprocess.DEVNULL))
 if cfg.get("forward"):
     fwd = [sys.executable, "-m", "coffer.sandbox.forward", "inner"]
     for item in cfg["forward"]:
@@ -388,7 +393,15 @@ class ProcessBackend(SandboxBackend):
                 raise UsageError(f"image layouts directory {spec.image_layouts} does not exist")
             agent_args += ["--image-layouts", str(layouts)]
             readonly.append(str(layouts))
+        egress = _loopback_port(spec.kbs)
+        if egress is not None:
+            # The agent's network namespace has only lo: its KBS on the host's loopback is reached
+            # through a unix socket, the same port number inside (so the URL stays as given).
+            processes["egress"] = self._start_egress(directory, egress)
+            record = record.with_changes(processes=dict(processes))
+            self.store.save(record)
         launch = {
+            "egress": [f"{egress}={directory / 'egress.sock'}"] if egress is not None else [],
             "storage": str(storage),
             "storage_size": str(spec.options.get("storage_size", "")),
             "readonly": readonly,
@@ -506,6 +519,25 @@ class ProcessBackend(SandboxBackend):
                                     + result.stderr.decode(errors="replace")[-500:])
         return ref
 
+    def _start_egress(self, directory: Path, port: int) -> ProcessRef:
+        args = [sys.executable, "-m", "coffer.sandbox.forward", "egress-host", "--map",
+                f"{directory / 'egress.sock'}={port}"]
+        log = open(directory / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            process = _adopt(subprocess.Popen(  # noqa: S603 - fixed argument list, no shell
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                env=self._child_env(), cwd="/"))
+        finally:
+            log.close()
+        ref = ProcessRef.of(process.pid)
+        assert process.stdout is not None
+        line = _read_line(process.stdout, 10.0)
+        process.stdout.close()
+        if line != b"ready\n":
+            terminate(ref, timeout=1.0)
+            raise SandboxStartError(f"the KBS relay did not start: {_log_tail(directory / 'forwarder.log')}")
+        return ref
+
     def _start_host_forwarder(self, directory: Path, record: SandboxRecord,
                               listeners: list[socket.socket]) -> ProcessRef:
         args = [sys.executable, "-m", "coffer.sandbox.forward", "host"]
@@ -531,12 +563,12 @@ class ProcessBackend(SandboxBackend):
     # ------------------------------------------------------------------------------------ stop
 
     def _stop_processes(self, record: SandboxRecord, *, timeout: float) -> None:
-        for role in ("forwarder", "agent", "unshare", "swtpm"):
+        for role in ("forwarder", "agent", "unshare", "swtpm", "egress"):
             ref = record.processes.get(role)
             if ref is not None:
                 terminate(ref, timeout=timeout if role == "agent" else 3.0)
         directory = self.directory(record)
-        for path in [self.agent_socket(record), *directory.glob("ports/*.sock"),
+        for path in [self.agent_socket(record), directory / "egress.sock", *directory.glob("ports/*.sock"),
                      *directory.glob("tpm/swtpm.sock*")]:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -557,6 +589,18 @@ class ProcessBackend(SandboxBackend):
         if left:
             raise StorageError(f"sandbox directory {directory} is still mounted at {', '.join(left)}")
         self.store.delete(record.id)
+
+
+def _loopback_port(url: str | None) -> int | None:
+    """The port of an http(s) URL on the host's loopback (127.0.0.1, localhost, ::1), else None."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _read_line(stream: IO[bytes], timeout: float) -> bytes:
