@@ -1,8 +1,9 @@
 """Workload-policy decision time: CreateContainer and ExecProcess on a 10-container policy.
 
 Each decision goes through :class:`coffer.policy.engine.PolicyEngine` on the thread that created it
-(the engine's own thread), as the agent decides a request: JSON input with the persistent state,
-one rule evaluated by regorus, the result checked and state ops applied. Every CreateContainer uses
+(the engine's own thread), as the agent decides a request: the request's view built and loaded,
+the rules' fast path evaluated by the regorus RVM (the request rule, in the interpreter, for what
+it does not allow), the result checked and state ops applied. Every CreateContainer uses
 a fresh container id (and is followed, untimed, by RemoveContainer so the state stays the same
 size). Target: median <= 50 us.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -863,3 +864,361 @@ def test_fast_path_agrees_with_the_full_checks() -> None:
         full = engine.eval_rule("data.agent_policy." + ("cc_v" if row.request == CC else "ep_v"))
         if fast:
             assert not full, row.id
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast paths: the engine decides CreateContainer and ExecProcess first with fast_* rules on a view of
+# the request, run by the regorus RVM; the request rules (interpreter) decide whatever they do not
+# allow. They must never allow what the request rule denies, and must agree with the interpreter.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from coffer.policy import engine as engine_mod  # noqa: E402
+
+
+def _fast_rules() -> Any:
+    """The loaded rules (interpreter + RVM) of POLICY."""
+    rules, fast = engine_mod._load_rules(RULES, policy_data(POLICY))
+    assert fast
+    return rules
+
+
+_LOADED = _fast_rules()
+_STATE = {"containers": {"c-nginx": 0, "c-redis": 1, "c-tools": 2}}
+_DEFAULT_MOUNTS = policy_data(POLICY)["common"]["default_mounts"]
+
+
+def _full(request: str, req: dict[str, Any], state: dict[str, Any]) -> Any:
+    """The request rule's result on the whole request (the interpreter, as before the fast paths)."""
+    return _LOADED.evaluate(request, json.dumps({**req, "pstate": state}))
+
+
+def _check_fast(request: str, req: Any, state: dict[str, Any]) -> bool:
+    """Whether the fast path allows ``req``; asserts it agrees with the interpreter and, when it
+    allows, that the request rule allows with the same ops and container."""
+    view_of = engine_mod._VIEWS[request]
+    view = view_of(req, state["containers"], _DEFAULT_MOUNTS) if isinstance(req, dict) else None
+    if view is None:
+        return False
+    try:
+        text = engine_mod._ENCODE_VIEW(view)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    rule = engine_mod._FAST[request]
+    fast = _LOADED.evaluate_fast(rule, text)
+    try:
+        interpreted = _LOADED.evaluate(rule, text)
+    except RuntimeError:  # the interpreter fails where the RVM is undefined (e.g. a builtin's type)
+        interpreted = None
+    assert (fast if fast != "<undefined>" else None) == interpreted, (req, fast, interpreted)
+    if fast == "<undefined>":
+        return False
+    full = _full(request, req, state)
+    assert full["allowed"] is True, (req, full)
+    assert (fast["ops"], fast["container"], fast["reasons"]) == (full["ops"], full["container"], []), req
+    return True
+
+
+def _cc_state() -> dict[str, Any]:
+    return {"containers": {"c-redis": 1}}
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.request in (CC, EP)], ids=lambda r: r.id)
+def test_fast_path_never_allows_what_the_request_rule_denies(row: Row) -> None:
+    state = _cc_state() if row.request == CC else _STATE
+    allowed = _check_fast(row.request, row.input, state)
+    if not row.allowed:
+        assert not allowed
+
+
+def test_common_requests_are_decided_by_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = started()
+
+    def no_interpreter(self: Any, rule: str, input_json: str) -> Any:
+        raise AssertionError(f"{rule} went to the request rule")
+
+    monkeypatch.setattr(engine_mod._Rules, "evaluate", no_interpreter)
+    for name in ("nginx", "redis"):
+        decision = engine.decide(CC, create(name, f"c-2-{name}"))
+        assert decision.allowed
+        assert decision.container == name
+    assert engine.state["containers"]["c-2-redis"] == 1
+    assert engine.decide(EP, exec_in("nginx", ["nginx", "-s", "reload"])).allowed
+    # A request in another order (capabilities, options, groups) is the same request.
+    req = create("redis", "c-3")
+    proc(req)["Capabilities"]["Bounding"].reverse()
+    proc(req)["User"]["AdditionalGids"] = [2000, 1000, 2000]
+    for mount in req["OCI"]["Mounts"]:
+        mount["options"].reverse()
+    req["OCI"]["Mounts"].reverse()
+    assert engine.decide(CC, req).allowed
+
+
+def _same_decision(
+    engine: PolicyEngine, request: str, req: dict[str, Any], state: dict[str, Any]
+) -> Decision:
+    """The engine decides ``req`` exactly as the request rule alone does."""
+    decision = engine.decide(request, req)
+    try:
+        full = _full(request, req, state)
+    except RuntimeError:  # a Rego error: the engine fails closed
+        assert not decision.allowed
+        assert decision.reasons[-1].endswith("policy evaluation failed")
+        return decision
+    assert decision.allowed is full["allowed"], (req, decision)
+    assert decision.container == full["container"]
+    assert set(decision.reasons) == set(full["reasons"])
+    return decision
+
+
+def _variants() -> list[tuple[str, Callable[[dict[str, Any]], object]]]:
+    """Edits of a redis CreateContainer request near the fast path's edges."""
+
+    def caps(r: dict[str, Any]) -> dict[str, Any]:
+        c: dict[str, Any] = proc(r)["Capabilities"]
+        return c
+
+    def mounts(r: dict[str, Any]) -> list[dict[str, Any]]:
+        m: list[dict[str, Any]] = r["OCI"]["Mounts"]
+        return m
+
+    def mount_at(r: dict[str, Any], dest: str) -> dict[str, Any]:
+        return next(m for m in mounts(r) if m["destination"] == dest)
+
+    return [
+        ("same", lambda r: None),
+        ("cap_with_newline", lambda r: caps(r).update(Bounding=["CAP_CHOWN\nCAP_KILL"])),
+        ("cap_lowercase", lambda r: caps(r).update(Bounding=["chown"])),
+        ("cap_not_list", lambda r: caps(r).update(Bounding="CAP_CHOWN")),
+        ("cap_numbers", lambda r: caps(r).update(Effective=[1, True])),
+        ("caps_missing_set", lambda r: caps(r).pop("Ambient")),
+        ("caps_null", lambda r: proc(r).update(Capabilities=None)),
+        ("caps_extra_set", lambda r: caps(r).update(Other=["CAP_SYS_ADMIN"])),
+        ("gids_bool", lambda r: proc(r)["User"].update(AdditionalGids=[True, 1000, 2000])),
+        ("gids_float", lambda r: proc(r)["User"].update(AdditionalGids=[1000.0, 2000])),
+        ("gids_missing", lambda r: proc(r)["User"].pop("AdditionalGids")),
+        ("uid_float", lambda r: proc(r)["User"].update(UID=999.0)),
+        ("uid_bool", lambda r: proc(r)["User"].update(UID=True)),
+        ("user_extra_key", lambda r: proc(r)["User"].update(Username="root")),
+        ("env_no_equals", lambda r: proc(r)["Env"].append("PATH")),
+        ("env_empty_name", lambda r: proc(r)["Env"].append("=x")),
+        ("env_newline_value", lambda r: proc(r)["Env"].append("REDIS_PASSWORD=a\nb")),
+        ("env_not_string", lambda r: proc(r)["Env"].append(5)),
+        ("env_missing", lambda r: proc(r).pop("Env")),
+        ("mount_duplicate", lambda r: mounts(r).append(dict(mount_at(r, "/data")))),
+        ("mount_dest_tab", lambda r: mount_at(r, "/data").update(destination="/da\tta")),
+        ("mount_dest_newline", lambda r: mount_at(r, "/data").update(destination="/data\n/proc\tproc")),
+        ("mount_type_changed", lambda r: mount_at(r, "/data").update(type="tmpfs")),
+        ("mount_default_as_bind", lambda r: mount_at(r, "/proc").update(type="bind", source="/")),
+        ("mount_missing_default", lambda r: mounts(r).remove(mount_at(r, "/dev/mqueue"))),
+        ("mount_missing_policy", lambda r: mounts(r).remove(mount_at(r, "/data"))),
+        ("mount_source_other", lambda r: mount_at(r, "/data").update(source="/var/lib/other")),
+        (
+            "mount_shared_slash",
+            lambda r: mount_at(r, "/etc/redis").update(
+                source="/run/kata-containers/shared/containers/a/b-configmap-redis-conf"
+            ),
+        ),
+        (
+            "mount_shared_other_id",
+            lambda r: mount_at(r, "/etc/redis").update(
+                source="/run/kata-containers/shared/containers/other-configmap-redis-conf"
+            ),
+        ),
+        ("mount_options_extra", lambda r: mount_at(r, "/data")["options"].append("suid")),
+        ("mount_options_missing", lambda r: mount_at(r, "/data").pop("options")),
+        ("mount_source_missing", lambda r: mount_at(r, "/data").pop("source")),
+        ("mount_not_object", lambda r: r["OCI"]["Mounts"].append("/host")),
+        ("masked_empty", lambda r: r["OCI"]["Linux"].update(MaskedPaths=[])),
+        ("masked_missing", lambda r: r["OCI"]["Linux"].pop("MaskedPaths")),
+        ("devices", lambda r: r["OCI"]["Linux"].update(Devices=[{"path": "/dev/mem"}])),
+        ("hooks_missing", lambda r: r["OCI"].pop("Hooks")),
+        ("hooks_empty", lambda r: r["OCI"].update(Hooks={})),
+        ("nnp_missing", lambda r: proc(r).pop("NoNewPrivileges")),
+        ("nnp_string", lambda r: proc(r).update(NoNewPrivileges="true")),
+        ("readonly_false", lambda r: r["OCI"]["Root"].update(Readonly=False)),
+        ("image_tagged", lambda r: r.update(image=f"docker.io/library/redis:7@{D_REDIS}")),
+        ("image_missing", lambda r: r.pop("image")),
+        ("id_reused", lambda r: r.update(container_id="c-redis")),
+        ("id_with_slash_and_tilde", lambda r: r.update(container_id="a/b~c")),
+        ("id_empty", lambda r: r.update(container_id="")),
+        ("id_number", lambda r: r.update(container_id=7)),
+        ("name_unknown", lambda r: r.update(name="miner")),
+        ("args_tuple", lambda r: proc(r).update(Args=tuple(proc(r)["Args"]))),
+        ("cwd_missing", lambda r: proc(r).pop("Cwd")),
+        ("process_not_object", lambda r: r["OCI"].update(Process=[])),
+    ]
+
+
+@pytest.mark.parametrize(("name", "change"), _variants(), ids=[n for n, _ in _variants()])
+def test_fast_path_variants_decide_as_the_request_rule(
+    name: str, change: Callable[[dict[str, Any]], object]
+) -> None:
+    req = edit("redis", change, "c-v")
+    _check_fast(CC, req, _cc_state())
+    engine = PolicyEngine(POLICY)
+    assert engine.decide(CC, create("redis", "c-redis")).allowed
+    before = engine.state
+    decision = _same_decision(engine, CC, req, {"containers": {"c-redis": 1}})
+    if decision.allowed:
+        assert engine.state["containers"] == {**before["containers"], req["container_id"]: 1}
+    else:
+        assert engine.state == before
+
+
+_JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3000),
+    st.sampled_from([1000.0, 101.0, 0.5]),
+    st.sampled_from(
+        [
+            "",
+            "/",
+            "CAP_CHOWN",
+            "CAP_SYS_ADMIN",
+            "bind",
+            "tmpfs",
+            "/data",
+            "a\nb",
+            "x\ty",
+            "PATH=/usr/bin",
+            "REDIS_PASSWORD=x",
+            "LD_PRELOAD=/x",
+            "rbind",
+            "rw",
+            "ro",
+        ]
+    ),
+)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["destination", "type", "source", "options", "UID", "GID", "AdditionalGids", "x"]
+            ),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            out += _paths(item, (*prefix, index))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_path_never_allows_a_mutated_request_the_rule_denies(data: st.DataObject) -> None:
+    request = data.draw(st.sampled_from([CC, EP]))
+    req = create("redis", "c-m") if request == CC else exec_in("nginx", ["nginx", "-s", "reload"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(req)[1:]))
+        parent = req
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = data.draw(_JSON)
+    _check_fast(request, req, _cc_state() if request == CC else _STATE)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "chars", "least"),
+    [
+        ("[a-z0-9-]+", "-0123456789abcdefghijklmnopqrstuvwxyz", 1),
+        ("[0-9.]*", ".0123456789", 0),
+        ("[0-9a-fA-F:.]+", ".0123456789:ABCDEFabcdef", 1),
+        ("[-_a-z]+", "-_abcdefghijklmnopqrstuvwxyz", 1),
+    ],
+)
+def test_character_class_patterns_get_a_charset(pattern: str, chars: str, least: int) -> None:
+    assert engine_mod._charset(pattern) == {"chars": chars, "min": least}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "[a-z]{3}",
+        "[^a-z]+",
+        "a+",
+        "[a-z]+x",
+        "[a-z-9]+",
+        "[z-a]+",
+        "[0-z]+",
+        "[a\\-z]+",
+        "[a-z]",
+        "[]+",
+        "[a-z]++",
+        "(?s).*",
+        "[\\w]+",
+        "[ ]+",
+    ],
+)
+def test_other_patterns_get_no_charset(pattern: str) -> None:
+    assert engine_mod._charset(pattern) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pattern=st.sampled_from(["[a-z0-9-]+", "[0-9.]*", "[0-9a-fA-F:.,]+", "[-_a-zA-Z0-9]+"]),
+    value=st.text(alphabet="az09-.,:_AFG\n/ é", max_size=6),
+)
+def test_charset_admits_exactly_what_the_pattern_does(pattern: str, value: str) -> None:
+    charset = engine_mod._charset(pattern)
+    assert charset is not None
+    by_charset = len(value) >= charset["min"] and all(ch in charset["chars"] for ch in value)
+    assert by_charset == (re.fullmatch(pattern, value) is not None)
+
+
+def test_env_pattern_variables_take_the_fast_path_only_when_admitted() -> None:
+    web = ContainerPolicy(
+        name="web",
+        image=NGINX_IMAGE,
+        args=("web",),
+        capabilities=(),
+        no_new_privileges=True,
+        env=(
+            EnvRule(name="HOST", pattern="[a-z0-9-]+"),
+            EnvRule(name="ANY", pattern="(?s).*"),
+            EnvRule(name="IP", pattern="[0-9]+(\\.[0-9]+){3}"),
+        ),
+    )
+    policy = WorkloadPolicy(name="web", containers=(web,))
+    spec = rq.ContainerSpec(
+        name="web", image=NGINX_IMAGE, args=("web",), env=(), capabilities=(), no_new_privileges=True
+    )
+    rules, fast = engine_mod._load_rules(RULES, policy_data(policy))
+    assert fast
+    for env, allowed in [
+        (["HOST=web-1", "ANY=a\nb=c", "IP=10.0.0.1"], True),
+        (["HOST=Web"], False),
+        (["HOST="], False),
+        (["HOST=web\n"], False),
+        (["IP=10.0.0"], False),
+        (["OTHER=x"], False),
+    ]:
+        req = rq.container_request(container_id="c1", name="web", image=NGINX_IMAGE, spec=spec)
+        proc(req)["Env"] = env
+        view = engine_mod._create_view(req, {}, _DEFAULT_MOUNTS)
+        assert view is not None
+        fast = rules.evaluate_fast("fast_CreateContainerRequest", engine_mod._ENCODE_VIEW(view))
+        assert (fast != "<undefined>") is allowed, env
+        full = rules.evaluate("CreateContainerRequest", json.dumps({**req, "pstate": {"containers": {}}}))
+        assert full["allowed"] is allowed, env
+
+
+def test_rules_other_than_the_module_rules_get_no_fast_path() -> None:
+    rules, data = split_policy(compile_policy(POLICY))
+    assert engine_mod._load_rules(rules, data)[1]
+    assert not engine_mod._load_rules(rules + "\nextra := 1\n", data)[1]

@@ -14,6 +14,20 @@ by the JSON-patch ops of allowed decisions only. The engine fails closed: an unk
 malformed input, a Rego error or a result of the wrong shape is a denial (``policy evaluation
 failed``) and never an allowance.
 
+Evaluation: the request rules run in the regorus interpreter. For CreateContainer and ExecProcess,
+when the policy's rules are this module's :data:`RULES`, the engine first evaluates the rules' fast
+paths (``fast_CreateContainerRequest``, ``fast_ExecProcessRequest``) compiled to a regorus RVM program
+(``regorus.Program`` run by ``regorus.Rvm``), on a *view* of the request: the fields the rules read,
+selected in Python, lists the rules treat as sets sorted and string lists written as one text -- no
+decision is taken in Python, the view only makes loading and checking cheap. A fast path only
+allows, with checks at least as strict as the request rule's, against per-container constants the
+interpreter computes once from the rules (``fast_fixed``); whenever it does not allow, the request
+rule decides on the whole request (with every reason for a denial). The request rules themselves do
+not run in the RVM: in regorus 0.13 it ignores a failing nested ``every`` (it would allow a request
+the interpreter denies), settles conflicting object keys silently, and does not try an ``else``
+after a failed ``some ... in``; the fast rules avoid those constructs and the tests check them against
+the interpreter.
+
 Threads: a regorus engine is bound to the thread that created it (see :mod:`coffer._internal.rego`),
 and crossing threads per decision would cost more than the decision. So a :class:`PolicyEngine` is
 used only on the thread that created it: any other thread gets a :class:`~coffer.errors.UsageError`.
@@ -71,6 +85,34 @@ _DATA_LINE = re.compile(r"(?m)^policy_data := ")
 _DIGEST_RE = re.compile(r"[A-Za-z0-9_+.-]+:[A-Za-z0-9=_-]+")
 _TAG_RE = re.compile(r":[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FAILED: Final = "policy evaluation failed"
+# One character class of literal letters, digits, "_.:,/@" and same-kind ranges (a "-" only first or
+# last, where it is literal), repeated with + or *.
+_CHARSET_RE = re.compile(r"\[(-?(?:[A-Za-z0-9]-[A-Za-z0-9]|[A-Za-z0-9_.:,/@])+-?)\]([+*])")
+_CHARSET_TOKEN_RE = re.compile(r"[A-Za-z0-9]-[A-Za-z0-9]|[A-Za-z0-9_.:,/@-]")
+_RANGE_GROUPS: Final = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: Requests with a fast path in RULES: request -> rule.
+_FAST: Final = {"CreateContainerRequest": "fast_CreateContainerRequest",
+                "ExecProcessRequest": "fast_ExecProcessRequest"}
+_CAP_SETS: Final = ("Bounding", "Effective", "Permitted", "Inheritable", "Ambient")
+_USER_KEYS: Final = ("UID", "GID", "AdditionalGids")
+_ENCODE = json.JSONEncoder(allow_nan=False).encode
+
+
+def _view_encoder() -> Any:
+    """A compact JSON encoder for views, made once: json's C encoder without the circular-reference
+    check (a cycle ends in RecursionError instead), or JSONEncoder.encode where there is none."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+    encoder = make(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
+
+    def encode(value: Any) -> str:
+        return "".join(encoder(value, 0))
+
+    return encode
+
+
+_ENCODE_VIEW = _view_encoder()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,14 +187,37 @@ def _list_text(items: list[str], none: str) -> str:
     return ", ".join(items) if items else none
 
 
+def _charset(pattern: str) -> dict[str, Any] | None:
+    """For a pattern that is one simple character class repeated (``[a-z0-9-]+``, ``[0-9.]*``): the
+    class's characters and the least length, stating the same full-match set without a regex. None
+    for any other pattern."""
+    match = _CHARSET_RE.fullmatch(pattern)
+    if match is None:
+        return None
+    chars: set[str] = set()
+    for token in _CHARSET_TOKEN_RE.findall(match.group(1)):
+        if len(token) == 3:
+            low, high = token[0], token[2]
+            if low > high or not any(low in group and high in group for group in _RANGE_GROUPS):
+                return None
+            chars.update(chr(code) for code in range(ord(low), ord(high) + 1))
+        else:
+            chars.add(token)
+    return {"chars": "".join(sorted(chars)), "min": 1 if match.group(2) == "+" else 0}
+
+
 def _env_data(container: ContainerPolicy) -> dict[str, Any]:
     exact: dict[str, bool] = {}
     patterns: dict[str, list[str]] = {}
+    charsets: dict[str, list[dict[str, Any]]] = {}
     hints: dict[str, list[str]] = {}
     for rule in container.env:
         if rule.pattern is not None:
             patterns.setdefault(rule.name, []).append(
                 _anchored(rule.pattern, f"container {container.name!r}: env {rule.name}"))
+            charset = _charset(rule.pattern)
+            if charset is not None:
+                charsets.setdefault(rule.name, []).append(charset)
             hints.setdefault(rule.name, []).append(f"must match {json.dumps(rule.pattern)}")
         else:
             exact[f"{rule.name}={rule.value or ''}"] = True
@@ -161,6 +226,7 @@ def _env_data(container: ContainerPolicy) -> dict[str, Any]:
     return {
         "exact": exact,
         "patterns": patterns,
+        "charsets": charsets,
         "names": {n: " or ".join(hints[n]) for n in names},
         "allowed": "allowed: " + ", ".join(names) if names else "the policy allows no environment variables",
     }
@@ -318,21 +384,36 @@ def _pointer(path: Any) -> list[str]:
     return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
 
 
+def _json_copy(value: Any) -> Any:
+    """A private copy of a JSON value; ValueError when ``value`` is not JSON."""
+    if value is None or type(value) in (str, int, bool):
+        return value
+    try:
+        _ENCODE(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON: {_first_line(exc)}") from None
+    return copy.deepcopy(value)
+
+
 def _apply_ops(state: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
     """``state`` with JSON-patch ``ops`` (add/replace/remove on objects) applied, as a new object.
-    ValueError on anything else, leaving ``state`` untouched."""
-    new = copy.deepcopy(state)
+    ValueError on anything else, leaving ``state`` untouched.
+
+    Objects on an op's path are copied, the rest is shared with ``state``: state objects are never
+    changed in place, so sharing them is safe and an op costs its path, not the whole state."""
+    new = dict(state)
     for op in ops:
         if not isinstance(op, dict) or op.get("op") not in ("add", "replace", "remove"):
             raise ValueError(f"unsupported op {op!r}")
         parts = _pointer(op.get("path"))
-        parent: Any = new
+        parent: dict[str, Any] = new
         for part in parts[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-            if not isinstance(parent, dict):
+            child = parent.get(part)
+            if not isinstance(child, dict):
                 raise ValueError(f"no object at {op['path']!r}")
-        if not isinstance(parent, dict):
-            raise ValueError(f"no object at {op['path']!r}")
+            child = dict(child)
+            parent[part] = child
+            parent = child
         key = parts[-1]
         if op["op"] == "remove":
             if key not in parent:
@@ -341,8 +422,157 @@ def _apply_ops(state: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
         else:
             if "value" not in op or (op["op"] == "replace" and key not in parent):
                 raise ValueError(f"bad {op['op']} at {op['path']!r}")
-            parent[key] = copy.deepcopy(op["value"])
+            parent[key] = _json_copy(op["value"])
     return new
+
+
+# --------------------------------------------------------------------------------------------------
+# Request views for the fast paths (see RULES, "fast paths"). Selection only: a field the request
+# lacks is left out, a value of an unexpected type is passed on unchanged (the fast path then does
+# not allow), and lists are sorted only where the rules compare them as sets or after sorting.
+
+
+def _pick(src: dict[str, Any], keys: tuple[str, ...], dst: dict[str, Any]) -> None:
+    for key in keys:
+        if key in src:
+            dst[key] = src[key]
+
+
+def _state_entry(containers: dict[str, Any], container_id: Any) -> dict[str, Any]:
+    if type(container_id) is str and container_id in containers:
+        return {container_id: containers[container_id]}
+    return {}
+
+
+def _sorted(items: Any) -> Any:
+    """A list sorted (a permutation: only where the rules ignore order), anything else unchanged."""
+    if isinstance(items, list):
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    return items
+
+
+def _user_view(user: Any) -> Any:
+    if not isinstance(user, dict):
+        return user
+    out = {key: user[key] for key in _USER_KEYS if key in user}
+    gids = out.get("AdditionalGids")
+    # The rules compare AdditionalGids as a set. Only exact integers are deduplicated: Python's
+    # 1 == 1.0 == True would merge values that differ in Rego.
+    if isinstance(gids, list) and gids and all(type(g) is int for g in gids):
+        out["AdditionalGids"] = sorted(set(gids))
+    return out
+
+
+def _lines(strings: list[str]) -> list[Any] | None:
+    """[count, the strings joined by newlines] when no string holds a newline (so the text has one
+    fewer newline than there are strings: the lines name the list), else None."""
+    text = "\n".join(strings)
+    if text.count("\n") != max(len(strings) - 1, 0):
+        return None
+    return [len(strings), text]
+
+
+def _sorted_lines(strings: Any) -> Any:
+    """The lines of a sorted string list; anything else unchanged (then no fast path allows it)."""
+    if not isinstance(strings, list):
+        return strings
+    try:
+        lines = _lines(sorted(strings))
+    except TypeError:  # not all strings
+        return strings
+    return strings if lines is None else lines
+
+
+def _caps_view(caps: Any) -> Any:
+    """The five capability sets, each as the lines of the sorted set."""
+    if not isinstance(caps, dict):
+        return caps
+    out: dict[str, Any] = {}
+    done: tuple[Any, Any] = (None, None)  # the last set written as lines, and its lines
+    for key in _CAP_SETS:
+        if key in caps:
+            names = caps[key]
+            # Sets are mostly equal: a list equal to one of strings holds the same strings.
+            if done[0] is not None and type(names) is list and names == done[0]:
+                out[key] = done[1]
+                continue
+            lines = _sorted_lines(names)
+            out[key] = lines
+            if lines is not names:
+                done = (names, lines)
+    return out
+
+
+def _create_view(doc: dict[str, Any], containers: dict[str, Any],
+                 default_mounts: dict[str, Any]) -> dict[str, Any] | None:
+    """The CreateContainer view, or None when the request does not have the shape of one."""
+    oci = doc.get("OCI")
+    if not isinstance(oci, dict):
+        return None
+    proc, root, linux, mounts = oci.get("Process"), oci.get("Root"), oci.get("Linux"), oci.get("Mounts")
+    if not (isinstance(proc, dict) and isinstance(root, dict) and isinstance(linux, dict)
+            and isinstance(mounts, list)):
+        return None
+    pairs: list[str] = []
+    seen: set[str] = set()
+    mount_data: dict[str, list[Any]] = {}
+    for mount in mounts:
+        if not isinstance(mount, dict):
+            return None
+        dest, mtype = mount.get("destination"), mount.get("type")
+        if type(dest) is not str or type(mtype) is not str or dest in seen:
+            return None
+        seen.add(dest)
+        pairs.append(f"{dest}\t{mtype}")
+        if default_mounts.get(dest) != mtype:
+            mount_data[dest] = [mtype, mount.get("source"), _sorted(mount.get("options"))]
+    pairs.sort()
+    mount_types = _lines(pairs)
+    if mount_types is None or mount_types[1].count("\t") != len(pairs):
+        return None
+    fixed: dict[str, Any] = {"MountTypes": mount_types}
+    _pick(proc, ("Args", "Cwd"), fixed)
+    if "User" in proc:
+        fixed["User"] = _user_view(proc["User"])
+    if "Capabilities" in proc:
+        fixed["Capabilities"] = _caps_view(proc["Capabilities"])
+    if "Hooks" in oci:
+        fixed["Hooks"] = oci["Hooks"]
+    if "Devices" in linux:
+        fixed["Devices"] = linux["Devices"]
+    if "image" in doc:
+        fixed["image"] = doc["image"]
+    view: dict[str, Any] = {"pstate": {"containers": _state_entry(containers, doc.get("container_id"))},
+                            "fixed": fixed, "MountData": mount_data}
+    _pick(doc, ("container_id", "name"), view)
+    _pick(proc, ("Env", "NoNewPrivileges"), view)
+    if "Readonly" in root:
+        view["Readonly"] = root["Readonly"]
+    if "MaskedPaths" in linux:
+        masked = linux["MaskedPaths"]
+        view["MaskedPaths"] = masked[:1] if isinstance(masked, list) else masked
+    return view
+
+
+def _exec_view(doc: dict[str, Any], containers: dict[str, Any],
+               default_mounts: dict[str, Any]) -> dict[str, Any] | None:
+    """The ExecProcess view, or None when the request does not have the shape of one."""
+    del default_mounts
+    proc = doc.get("process")
+    if not isinstance(proc, dict):
+        return None
+    view: dict[str, Any] = {"pstate": {"containers": _state_entry(containers, doc.get("container_id"))}}
+    _pick(doc, ("container_id",), view)
+    _pick(proc, ("Args", "Env", "Capabilities"), view)
+    if "User" in proc:
+        view["User"] = _user_view(proc["User"])
+    return view
+
+
+_VIEWS: Final = {"CreateContainerRequest": _create_view, "ExecProcessRequest": _exec_view}
 
 
 # Each thread's regorus engines by key (dropped on that thread when it ends), and keys whose
@@ -366,6 +596,79 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+class _Rules:
+    """One policy's rules loaded on one thread: the interpreter, and for RULES also the compiled RVM
+    program of the fast paths."""
+
+    __slots__ = ("_interpreter", "_vm")
+
+    def __init__(self, interpreter: Any, vm: Any = None) -> None:
+        self._interpreter, self._vm = interpreter, vm
+
+    def evaluate(self, rule: str, input_json: str) -> Any:
+        """The value of ``rule`` for ``input_json`` (None when undefined); regorus' exceptions pass
+        through."""
+        self._interpreter.set_input_json(input_json)
+        return self._interpreter.eval_rule(f"{PACKAGE}.{rule}")
+
+    def evaluate_fast(self, rule: str, input_json: str) -> Any:
+        """The value of the fast-path ``rule`` for a view (the RVM answers ``"<undefined>"`` when it is
+        undefined); regorus' exceptions pass through."""
+        self._vm.set_input_json(input_json)
+        return json.loads(self._vm.execute_entry_point(f"{PACKAGE}.{rule}"))
+
+
+def _load_rules(rules: str, data: dict[str, Any]) -> tuple[_Rules, bool]:
+    """``rules`` with ``data`` loaded, and whether the fast paths are on (only for this module's RULES).
+    FormatError when the rules do not compile or are not ``package agent_policy``."""
+    data_json = json.dumps({"agent_policy": {"policy_data": data}})
+    interpreter = regorus.Engine()
+    try:
+        interpreter.add_policy("policy.rego", rules)
+        packages = list(interpreter.get_packages())
+        interpreter.add_data_json(data_json)
+    except (RuntimeError, ValueError) as exc:
+        raise FormatError("policy.rego", f"does not compile: {_first_line(exc)}") from None
+    if PACKAGE not in packages:
+        raise FormatError("policy.rego", f"must declare 'package agent_policy' (found {packages})")
+    if rules not in (RULES, RULES + "\n"):
+        return _Rules(interpreter), False
+    # The fast paths' per-container constants, computed once by the interpreter and given to the RVM
+    # as data; a policy they cannot be computed or compiled for is decided without fast paths.
+    try:
+        interpreter.set_input_json("{}")
+        fixed = interpreter.eval_rule(f"{PACKAGE}.fast_fixed")
+        if not (isinstance(fixed, list) and all(isinstance(value, dict) for value in fixed)):
+            raise ValueError(f"fast_fixed is {type(fixed).__name__}")
+        fast_json = json.dumps({"agent_policy": {"policy_data": data}, "coffer_engine": {"fixed": fixed}},
+                               allow_nan=False)
+        program = regorus.Program.compile_from_modules(
+            fast_json, [("policy.rego", rules)], [f"{PACKAGE}.{rule}" for rule in _FAST.values()])
+        vm = regorus.Rvm()
+        vm.load_program(program)
+        vm.set_data_json(fast_json)
+        # The interpreter gets the constants too, so that the fast paths can be checked against it.
+        interpreter.add_data_json(json.dumps({"coffer_engine": {"fixed": fixed}}))
+    except Exception as exc:  # any failure: the interpreter decides everything instead
+        _ERRORS.warning("no fast paths for this policy: %s", _first_line(exc))
+        return _Rules(interpreter), False
+    return _Rules(interpreter, vm), True
+
+
+def _evaluate(loaded: _Rules, rule: str, input_json: str, *, fast: bool = False) -> tuple[Any, str | None]:
+    """(value, None), or (None, what went wrong) when regorus failed."""
+    try:
+        if fast:
+            return loaded.evaluate_fast(rule, input_json), None
+        return loaded.evaluate(rule, input_json), None
+    except Exception as exc:  # regorus raises RuntimeError, ValueError...: fail closed
+        return None, f"Rego evaluation error: {_first_line(exc)}"
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        return None, f"regorus panicked: {_first_line(exc)}"
+
+
 class PolicyEngine:
     """Decides agent requests with one workload policy; keeps the persistent policy state.
 
@@ -386,18 +689,13 @@ class PolicyEngine:
         self._key = next(_KEYS)
         self._debug = data.get("debug") is True
         self._state: dict[str, Any] = {"containers": {}}
-        self._state_json = json.dumps(self._state)
-        engine = regorus.Engine()
-        try:
-            engine.add_policy("policy.rego", rules)
-            packages = list(engine.get_packages())
-            engine.add_data_json(json.dumps({"agent_policy": {"policy_data": data}}))
-        except (RuntimeError, ValueError) as exc:
-            raise FormatError("policy.rego", f"does not compile: {_first_line(exc)}") from None
-        if PACKAGE not in packages:
-            raise FormatError("policy.rego", f"must declare 'package agent_policy' (found {packages})")
+        self._state_json: str | None = None
+        loaded, self._fast = _load_rules(rules, data)
+        common = data.get("common")
+        mounts = common.get("default_mounts") if isinstance(common, dict) else None
+        self._default_mounts: dict[str, Any] = mounts if isinstance(mounts, dict) else {}
         self._purge_orphans()
-        _engines_here()[self._key] = engine
+        _engines_here()[self._key] = loaded
 
     @staticmethod
     def _purge_orphans() -> None:
@@ -448,23 +746,43 @@ class PolicyEngine:
         if "pstate" in input_doc:
             return Decision(request, False,
                             (f"{request}: the request carries the reserved field \"pstate\"",), None)
+        loaded: _Rules | None = _engines_here().get(self._key)
+        if self._fast and loaded is not None and request in _FAST and isinstance(input_doc, dict):
+            fast = self._fast_decision(loaded, request, input_doc)
+            if fast is not None:
+                return fast
         try:
-            text = json.dumps(input_doc, allow_nan=False)
+            text = _ENCODE(input_doc)
         except (TypeError, ValueError):
             return Decision(request, False, (f"{request}: the request input is not JSON",), None)
+        if self._state_json is None:
+            self._state_json = json.dumps(self._state, allow_nan=False)
         text = f'{text[:-1]}{"," if len(text) > 2 else ""}"pstate":{self._state_json}}}'
-        engine = _engines_here().get(self._key)
+        if loaded is None:
+            return self._failed(request, "Rego evaluation error: the regorus engine is gone")
+        result, error = _evaluate(loaded, request, text)
+        if error is not None:
+            return self._failed(request, error)
+        return self._conclude(request, result)
+
+    def _fast_decision(self, loaded: _Rules, request: str, input_doc: dict[str, Any]) -> Decision | None:
+        """The fast path's allowance, or None when it does not allow (the request rule decides)."""
+        containers = self._state.get("containers")
+        view = _VIEWS[request](input_doc, containers if isinstance(containers, dict) else {},
+                               self._default_mounts)
+        if view is None:
+            return None
         try:
-            if engine is None:
-                raise RuntimeError("the regorus engine is gone")
-            engine.set_input_json(text)
-            result = engine.eval_rule(f"{PACKAGE}.{request}")
-        except Exception as exc:  # regorus raises RuntimeError, ValueError...: fail closed
-            return self._failed(request, f"Rego evaluation error: {_first_line(exc)}")
-        except BaseException as exc:
-            if type(exc).__name__ != "PanicException":
-                raise
-            return self._failed(request, f"regorus panicked: {_first_line(exc)}")
+            text = _ENCODE_VIEW(view)
+        except (TypeError, ValueError, RecursionError):
+            return None
+        result, error = _evaluate(loaded, _FAST[request], text, fast=True)
+        if error is not None or type(result) is not dict or result.get("allowed") is not True:
+            return None
+        return self._conclude(request, result)
+
+    def _conclude(self, request: str, result: Any) -> Decision:
+        """The decision a rule's result states; on allowance its state ops applied."""
         if not isinstance(result, dict):
             return self._failed(request, f"result is {type(result).__name__}, not an object")
         allowed = result.get("allowed")
@@ -481,11 +799,10 @@ class PolicyEngine:
             return Decision(request, False, tuple(reasons) or (f"{request}: no rule allows it",), container)
         if ops:
             try:
-                new_state = _apply_ops(self._state, ops)
-                new_json = json.dumps(new_state, allow_nan=False)
-            except (TypeError, ValueError) as exc:
+                self._state = _apply_ops(self._state, ops)
+            except ValueError as exc:
                 return self._failed(request, f"state ops: {_first_line(exc)}")
-            self._state, self._state_json = new_state, new_json
+            self._state_json = None
         return Decision(request, True, (), container)
 
     def _failed(self, request: str, detail: str) -> Decision:

@@ -600,3 +600,115 @@ StatsContainerRequest := allow_plain
 TtyWinResizeRequest := allow_plain
 
 WaitProcessRequest := allow_plain
+
+# --- fast paths over the engine's request views ----------------------------------------------------
+# Coffer's engine first evaluates fast_CreateContainerRequest / fast_ExecProcessRequest with `input`
+# set to a *view* of the request: the fields the rules above read, selected in Python (lists the
+# rules treat as sets sorted, string lists written as one text) so that loading and checking them is
+# cheap. A fast rule only ever allows, and only with comparisons at least as strict as every check
+# of its request rule; anything else (undefined, an error) makes the engine evaluate the request rule
+# on the whole request, which explains a denial.
+#
+# A string list L is written as its *lines*: [count(L), concat("\n", L)], made only when no string
+# holds a newline (the text then has count(L) - 1 of them), so equal lines are equal lists.
+#
+# CreateContainer view: container_id and name; pstate {"containers": {container_id: index}} (this
+# id's entry only); Env, NoNewPrivileges (OCI.Process), Readonly (OCI.Root), MaskedPaths (OCI.Linux,
+# cut to its first entry: only its being a non-empty list is read); MountData {destination: [type,
+# source, sorted options]} for the mounts whose type is not the standard one at their destination;
+# and `fixed`: {"Args", "Cwd" (OCI.Process), "User" (only UID, GID, AdditionalGids: sorted, without
+# duplicates, when all integers), "Capabilities" (only the five sets, each as the lines of the sorted
+# set), "Hooks" (OCI), "Devices" (OCI.Linux), "MountTypes" (the lines of the sorted
+# "destination<TAB>type" of OCI.Mounts, made only when each holds one tab and no destination
+# repeats), "image"}. The fast path compares `fixed` with the container's fast_fixed value.
+#
+# ExecProcess view: container_id; pstate as above; Args, Env, Capabilities and User (as above) from
+# process.
+
+fast_CreateContainerRequest := {"allowed": true, "ops": ops, "reasons": [], "container": c.name} if {
+	i := pd.container_index[input.name]
+	c := pd.containers[i]
+	is_string(input.container_id)
+	input.container_id != ""
+	not input.pstate.containers[input.container_id]
+	input.fixed == data.coffer_engine.fixed[i]
+	is_array(input.MaskedPaths)
+	count(input.MaskedPaths) > 0
+	[c.no_new_privileges, input.NoNewPrivileges] in fast_flag_ok
+	[c.read_only_root, input.Readonly] in fast_flag_ok
+	fast_env_ok(input.Env, c.env)
+	input.MountData == {pm.destination: [pm.type, fast_source(pm), pm.options] |
+		some pm in c.mounts
+		not pd.common.default_mounts[pm.destination] == pm.type
+	}
+	ops := [{"op": "add", "path": concat("/", ["", "containers", ptr(input.container_id)]), "value": i}]
+}
+
+fast_ExecProcessRequest := {"allowed": true, "ops": [], "reasons": [], "container": c.name} if {
+	c := pd.containers[input.pstate.containers[input.container_id]]
+	input.Args in c.allow.exec
+	input.User == {"UID": c.user.uid, "GID": c.user.gid, "AdditionalGids": c.user.additional_gids}
+	object.get(input, "Capabilities", null) == null
+	fast_env_ok(input.Env, c.env)
+}
+
+# What a container's view `fixed` must be: the engine evaluates this once, when it loads the policy,
+# and gives the values back as data.coffer_engine.fixed (in container order). MountTypes holds every
+# standard mount's and policy mount's destination with its type.
+fast_fixed := [{
+	"Args": c.args,
+	"Capabilities": {
+		"Ambient": [0, ""], "Bounding": fast_lines(c.capabilities), "Effective": fast_lines(c.capabilities),
+		"Inheritable": [0, ""], "Permitted": fast_lines(c.capabilities),
+	},
+	"Cwd": c.working_dir,
+	"Devices": [],
+	"Hooks": null,
+	"MountTypes": fast_lines(sort([concat("\t", [d, t]) |
+		some d, t in object.union(pd.common.default_mounts, {pm.destination: pm.type | some pm in c.mounts})
+	])),
+	"User": {"AdditionalGids": c.user.additional_gids, "GID": c.user.gid, "UID": c.user.uid},
+	"image": c.image,
+} |
+	some c in pd.containers
+]
+
+fast_lines(strings) := [count(strings), concat("\n", strings)]
+
+# [the policy's flag, the request's]: a flag the policy may require to be true.
+fast_flag_ok := {[false, false], [false, true], [true, true]}
+
+# The view's source at the policy mount's destination, when the policy mount admits it.
+fast_source(pm) := s if {
+	s := input.MountData[pm.destination][1]
+	is_string(s)
+	source_ok(pm, s)
+}
+
+# Every variable is NAME=VALUE with an exact rule, or with a value one of NAME's patterns admits.
+fast_env_ok(env, rules) if {
+	is_array(env)
+	every e in [e | some e in env; not rules.exact[e]] {
+		is_string(e)
+		i := indexof(e, "=")
+		i > 0
+		fast_value_ok(rules, substring(e, 0, i), substring(e, i + 1, -1))
+	}
+}
+
+# A value one of the variable's patterns admits: a character-class pattern's `charsets` entry
+# ({"chars", "min"}: at least min characters, all from chars) states the same set as the pattern
+# without a regex, and "(?s).*" (the generator's "any value") admits every string. (Separate
+# definitions, not `else`: the regorus RVM does not try an `else` after a failed `some ... in`.)
+fast_value_ok(rules, name, value) if {
+	some cs in rules.charsets[name]
+	count(value) >= cs.min
+	trim(value, cs.chars) == ""
+}
+
+fast_value_ok(rules, name, _) if "^(?:(?s).*)$" in rules.patterns[name]
+
+fast_value_ok(rules, name, value) if {
+	some p in rules.patterns[name]
+	regex.match(p, value)
+}
