@@ -157,9 +157,19 @@ cs_ops := [{"op": "add", "path": "/sandbox", "value": {
 	"namespace": object.get(input, "namespace", null),
 }}]
 
-cs_v contains sprintf("CreateSandbox: sandbox name %s is not the policy's %s", [q(name), q(pd.name)]) if {
+cs_v contains sprintf("CreateSandbox: sandbox name %s is not the policy's %s (or a name a controller generates from it, %s)", [q(name), q(pd.name), q(sprintf("%s-...", [pd.name]))]) if {
 	name := object.get(input, "name", null)
-	name != pd.name
+	not cs_name_ok(name)
+}
+
+# A Deployment, StatefulSet, Job, ... names its pods <name>-<suffix>; a bare Pod has exactly its name.
+cs_name_ok(name) if name == pd.name
+
+cs_name_ok(name) if {
+	is_string(name)
+	count(name) <= 253
+	startswith(name, sprintf("%s-", [pd.name]))
+	regex.match(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`, name)
 }
 
 cs_v contains sprintf("CreateSandbox: namespace %s is not the policy's %s", [q(ns), q(pd.namespace)]) if {
