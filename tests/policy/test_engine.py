@@ -207,6 +207,21 @@ ROWS = [
     ),
     Row("exec_allowed", EP, exec_in("nginx", ["nginx", "-s", "reload"]), True, "nginx"),
     Row("exec_pattern_match", EP, exec_in("nginx", ["cat", "/var/log/nginx/access.log"]), True, "nginx"),
+    Row(
+        "exec_in_another_working_directory",
+        EP,
+        exec_in("nginx", ["nginx", "-s", "reload"], cwd="/etc"),
+        False,
+        'process.Cwd "/etc" is not the container\'s working directory',
+    ),
+    Row(
+        "exec_dropping_no_new_privileges",
+        EP,
+        {**exec_in("nginx", ["nginx", "-s", "reload"]),
+         "process": {**exec_in("nginx", ["nginx", "-s", "reload"])["process"], "NoNewPrivileges": False}},
+        False,
+        "process.NoNewPrivileges must be true",
+    ),
     Row("logs_allowed", "ReadStreamRequest", rq.read_stream_request(container_id="c-nginx"), True, "nginx"),
     Row(
         "stderr_allowed",
@@ -335,6 +350,20 @@ ROWS = [
         'mount of "/host" (type "bind", source "/", options ["rbind","rw"]) is not allowed',
     ),
     Row("mount_with_different_options", CC, edit("nginx", _set_opts), False, 'mount of "/etc/nginx/conf.d"'),
+    Row(
+        "volume_of_another_container",
+        CC,
+        edit(
+            "nginx",
+            lambda r: [
+                m.update(source=m["source"].replace(r["container_id"], "c-redis"))
+                for m in r["OCI"]["Mounts"]
+                if m["destination"] == "/etc/nginx/conf.d"
+            ],
+        ),
+        False,
+        'mount of "/etc/nginx/conf.d"',
+    ),
     Row(
         "mount_from_other_configmap",
         CC,

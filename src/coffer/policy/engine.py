@@ -147,9 +147,9 @@ def _image_regex(image: str) -> str | None:
 
 
 def _source_match(source: str, mount_type: str) -> dict[str, str]:
-    """How the rules match a policy mount's source: ``source_regex`` always, plus ``source_exact`` or
-    ``source_prefix``/``source_suffix`` (one path component between them) stating the same set, which
-    the rules check without a regex."""
+    """How the rules match a policy mount's source: ``source_regex`` always (for explanations), plus
+    ``source_exact``, or ``source_prefix``/``source_suffix`` around the request's own container id
+    (the rules check those without a regex)."""
     regex = _source_regex(source, mount_type)
     if source.startswith("regex:"):
         return {"source_regex": regex}
@@ -566,7 +566,7 @@ def _exec_view(doc: dict[str, Any], containers: dict[str, Any],
         return None
     view: dict[str, Any] = {"pstate": {"containers": _state_entry(containers, doc.get("container_id"))}}
     _pick(doc, ("container_id",), view)
-    _pick(proc, ("Args", "Env", "Capabilities"), view)
+    _pick(proc, ("Args", "Env", "Capabilities", "Cwd", "NoNewPrivileges"), view)
     if "User" in proc:
         view["User"] = _user_view(proc["User"])
     return view

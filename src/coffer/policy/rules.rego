@@ -404,16 +404,16 @@ mount_ok(m, pms) if {
 	source_ok(pm, m.source)
 }
 
-# A policy mount's source: exact, or the runtime's shared directory (prefix, one path component with
-# the container id, suffix), or a regex; source_regex always states the same set.
+# A policy mount's source: exact, or the runtime's shared directory of THIS container (prefix, the
+# request's container id, suffix: another container's volume is not this one's), or a regex.
 source_ok(pm, s) if s == pm.source_exact
 
 source_ok(pm, s) if {
-	startswith(s, pm.source_prefix)
-	endswith(s, pm.source_suffix)
-	n := (count(s) - count(pm.source_prefix)) - count(pm.source_suffix)
-	n > 0
-	not contains(substring(s, count(pm.source_prefix), n), "/")
+	id := input.container_id
+	is_string(id)
+	id != ""
+	not contains(id, "/")
+	s == concat("", [pm.source_prefix, id, pm.source_suffix])
 }
 
 source_ok(pm, s) if {
@@ -470,6 +470,8 @@ ep_fast if {
 	u.GID == state_c.user.gid
 	u.AdditionalGids == state_c.user.additional_gids
 	object.get(ep_proc, "Capabilities", null) == null
+	ep_proc.Cwd == state_c.working_dir
+	[state_c.no_new_privileges, object.get(ep_proc, "NoNewPrivileges", state_c.no_new_privileges)] in fast_flag_ok
 }
 
 epp := sprintf("ExecProcess: container %s: ", [q(state_c.name)])
@@ -501,6 +503,18 @@ ep_v contains concat("", [epp, m]) if {
 
 ep_v contains concat("", [epp, m]) if {
 	some m in user_problems(obj(object.get(ep_proc, "User", {})), state_c.user)
+}
+
+# An exec runs where the container runs and gains no privileges the container may not gain: a host
+# choosing the working directory would retarget relative paths in allowed commands.
+ep_v contains concat("", [epp, sprintf("process.Cwd %s is not the container's working directory %s", [q(object.get(ep_proc, "Cwd", null)), q(state_c.working_dir)])]) if {
+	object.get(ep_proc, "Cwd", null) != state_c.working_dir
+}
+
+# Absent, NoNewPrivileges is the container's (the agent applies the container's setting).
+ep_v contains concat("", [epp, "process.NoNewPrivileges must be true (the policy sets no_new_privileges)"]) if {
+	state_c.no_new_privileges == true
+	object.get(ep_proc, "NoNewPrivileges", true) != true
 }
 
 ep_caps_none(x) if is_null(x)
@@ -632,8 +646,8 @@ WaitProcessRequest := allow_plain
 # "destination<TAB>type" of OCI.Mounts, made only when each holds one tab and no destination
 # repeats), "image"}. The fast path compares `fixed` with the container's fast_fixed value.
 #
-# ExecProcess view: container_id; pstate as above; Args, Env, Capabilities and User (as above) from
-# process.
+# ExecProcess view: container_id; pstate as above; Args, Env, Capabilities, Cwd, NoNewPrivileges and
+# User (as above) from process.
 
 fast_CreateContainerRequest := {"allowed": true, "ops": ops, "reasons": [], "container": c.name} if {
 	i := pd.container_index[input.name]
@@ -659,6 +673,8 @@ fast_ExecProcessRequest := {"allowed": true, "ops": [], "reasons": [], "containe
 	input.Args in c.allow.exec
 	input.User == {"UID": c.user.uid, "GID": c.user.gid, "AdditionalGids": c.user.additional_gids}
 	object.get(input, "Capabilities", null) == null
+	input.Cwd == c.working_dir
+	[c.no_new_privileges, object.get(input, "NoNewPrivileges", c.no_new_privileges)] in fast_flag_ok
 	fast_env_ok(input.Env, c.env)
 }
 
