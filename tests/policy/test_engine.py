@@ -351,6 +351,22 @@ ROWS = [
     ),
     Row("mount_with_different_options", CC, edit("nginx", _set_opts), False, 'mount of "/etc/nginx/conf.d"'),
     Row(
+        "required_env_dropped",
+        CC,
+        edit("nginx", lambda r: r["OCI"]["Process"].update(
+            Env=[e for e in r["OCI"]["Process"]["Env"] if not e.startswith("PATH=")])),
+        False,
+        'env "PATH" is missing',
+    ),
+    Row(
+        "required_mount_dropped",
+        CC,
+        edit("nginx", lambda r: r["OCI"].update(
+            Mounts=[m for m in r["OCI"]["Mounts"] if m["destination"] != "/etc/nginx/conf.d"])),
+        False,
+        'mount "/etc/nginx/conf.d" is missing',
+    ),
+    Row(
         "volume_of_another_container",
         CC,
         edit(

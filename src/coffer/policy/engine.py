@@ -223,7 +223,12 @@ def _env_data(container: ContainerPolicy) -> dict[str, Any]:
             exact[f"{rule.name}={rule.value or ''}"] = True
             hints.setdefault(rule.name, []).append(f"must be {json.dumps(rule.value or '')}")
     names = sorted(hints)
+    # A variable the policy gives only exact values for must be there: dropping it (a mode, a
+    # feature flag) would let the image's defaults apply while the policy looks satisfied.
+    required = sorted({r.name for r in container.env if r.pattern is None}
+                      - {r.name for r in container.env if r.pattern is not None})
     return {
+        "required": required,
         "exact": exact,
         "patterns": patterns,
         "charsets": charsets,
@@ -549,6 +554,10 @@ def _create_view(doc: dict[str, Any], containers: dict[str, Any],
                             "fixed": fixed, "MountData": mount_data}
     _pick(doc, ("container_id", "name"), view)
     _pick(proc, ("Env", "NoNewPrivileges"), view)
+    env = proc.get("Env")
+    if isinstance(env, list):
+        # The names present, for the rule that requires the policy's exact-only variables.
+        view["EnvNames"] = sorted({e.partition("=")[0] for e in env if type(e) is str and "=" in e})
     if "Readonly" in root:
         view["Readonly"] = root["Readonly"]
     if "MaskedPaths" in linux:

@@ -242,6 +242,9 @@ cc_fast if {
 	every e in env {
 		env_fast(e, cc.env)
 	}
+	every n in cc.env.required {
+		env_name_present(env, n)
+	}
 	every s in ["Bounding", "Effective", "Permitted"] {
 		is_array(cc_caps[s])
 		every c in cc_caps[s] {
@@ -258,6 +261,9 @@ cc_fast if {
 	is_array(cc_mounts)
 	every m in cc_mounts {
 		mount_ok(m, cc.mounts)
+	}
+	every pm in cc.mounts {
+		cc_mount_present(pm.destination)
 	}
 }
 
@@ -321,6 +327,28 @@ cc_v contains concat("", [ccp, sprintf("args %s differ from the policy's %s", [q
 
 cc_v contains concat("", [ccp, m]) if {
 	some m in env_problems(object.get(cc_proc, "Env", []), cc.env)
+}
+
+cc_v contains concat("", [ccp, sprintf("env %s is missing (the policy requires it: %s)", [q(n), cc.env.names[n]])]) if {
+	some n in cc.env.required
+	not env_name_present(lst(object.get(cc_proc, "Env", [])), n)
+}
+
+env_name_present(env, n) if {
+	some e in env
+	is_string(e)
+	startswith(e, concat("", [n, "="]))
+}
+
+cc_v contains concat("", [ccp, sprintf("mount %s is missing (the policy requires it)", [q(pm.destination)])]) if {
+	some pm in cc.mounts
+	not cc_mount_present(pm.destination)
+}
+
+cc_mount_present(d) if {
+	some m in lst(object.get(cc_oci, "Mounts", []))
+	is_object(m)
+	m.destination == d
 }
 
 cc_v contains concat("", [ccp, sprintf("working directory %s is not the policy's %s", [q(cwd), q(cc.working_dir)])]) if {
@@ -661,6 +689,8 @@ fast_CreateContainerRequest := {"allowed": true, "ops": ops, "reasons": [], "con
 	[c.no_new_privileges, input.NoNewPrivileges] in fast_flag_ok
 	[c.read_only_root, input.Readonly] in fast_flag_ok
 	fast_env_ok(input.Env, c.env)
+	count({n | some n in c.env.required} - {n | some n in input.EnvNames}) == 0
+	count({pm.destination | some pm in c.mounts; not pd.common.default_mounts[pm.destination] == pm.type}) == count(input.MountData)
 	input.MountData == {pm.destination: [pm.type, fast_source(pm), pm.options] |
 		some pm in c.mounts
 		not pd.common.default_mounts[pm.destination] == pm.type
