@@ -264,3 +264,24 @@ def test_malformed_requests_raise_only_typed_errors(tmp_path: Path, field: str, 
         bundle.config_sha256(oci)
     except CofferError:
         pass
+
+
+def test_host_chosen_masked_and_readonly_paths_are_not_applied(tmp_path: Path) -> None:
+    """The host may not hide a config or secret file from the workload, or make its data read-only."""
+    oci = oci_params()
+    oci["Linux"]["MaskedPaths"] = [*oci["Linux"]["MaskedPaths"], "/etc/nginx/nginx.conf",
+                                   "/run/secrets/tls.pem"]
+    oci["Linux"]["ReadonlyPaths"] = [*oci["Linux"]["ReadonlyPaths"], "/var", "/tmp"]
+    config = build(tmp_path, oci)
+    assert "/etc/nginx/nginx.conf" not in config["linux"]["maskedPaths"]
+    assert "/run/secrets/tls.pem" not in config["linux"]["maskedPaths"]
+    assert "/var" not in config["linux"]["readonlyPaths"]
+    assert config["linux"]["maskedPaths"] == sorted(bundle.DEFAULT_MASKED_PATHS)
+
+
+def test_host_chosen_sysctls_are_refused_and_annotations_dropped(tmp_path: Path) -> None:
+    oci = oci_params()
+    oci["Linux"]["Sysctl"] = {"kernel.domainname": "host-chosen"}
+    with pytest.raises(UsageError, match="sysctl"):
+        build(tmp_path, oci)
+    assert "annotations" not in build(tmp_path, oci_params())

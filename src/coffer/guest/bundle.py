@@ -324,10 +324,9 @@ def build_config(
     readonly_paths = _strs(linux, "ReadonlyPaths", f"{where}.Linux", limit=256)
     for path in (*masked, *readonly_paths):
         _abs_path(path, f"{where}.Linux path")
-    sysctl_obj = linux.get("Sysctl") or {}
-    if not isinstance(sysctl_obj, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in sysctl_obj.items()):
-        raise UsageError(f"{where}.Linux.Sysctl must map names to string values")
+    # The workload policy does not speak of sysctls, so none from the host are applied.
+    if linux.get("Sysctl"):
+        raise UsageError(f"{where}.Linux.Sysctl: the guest applies no host-chosen sysctls")
 
     mounts = _standard_mounts(etc_dir)
     raw_mounts = oci.get("Mounts") or []
@@ -358,15 +357,13 @@ def build_config(
         "linux": {
             "namespaces": [{"type": kind} for kind in NAMESPACES],
             "cgroupsPath": cgroups_path,
-            "maskedPaths": sorted({*DEFAULT_MASKED_PATHS, *masked}),
-            "readonlyPaths": sorted({*DEFAULT_READONLY_PATHS, *readonly_paths}),
-            "sysctl": dict(sorted(sysctl_obj.items())),
+            # The guest's own lists: the host may not choose what the workload cannot see (masking
+            # a config or a secret file) or cannot write; its lists were only checked for shape.
+            "maskedPaths": sorted(DEFAULT_MASKED_PATHS),
+            "readonlyPaths": sorted(DEFAULT_READONLY_PATHS),
         },
     }
-    annotations = oci.get("Annotations") or {}
-    if isinstance(annotations, Mapping) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
-        config["annotations"] = dict(sorted(annotations.items()))
+    # Host annotations are not passed to runc (nothing in the guest should act on them).
     return config
 
 
