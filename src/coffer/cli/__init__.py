@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib import import_module
+from typing import Final
 
 from coffer import __version__
-from coffer.cli import _attest, _evidence, _image, _kbs, _kbs_admin, _policy, _quickstart, _run, _token
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError, VerificationError
 
@@ -29,22 +30,50 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+#: The modules registering the top-level commands, in registration (and help) order.
+_MODULES: Final = ("_evidence", "_attest", "_kbs", "_kbs_admin", "_token", "_image", "_policy", "_run",
+                   "_quickstart")
+#: Which modules define each top-level command. A command line naming one of them imports only those:
+#: the modules of the other commands pull in heavy libraries (httpx, cryptography, the KBS server)
+#: that ``coffer run`` would otherwise pay for at every start.
+_COMMAND_MODULES: Final = {
+    "evidence": ("_evidence",),
+    "attest": ("_attest",),
+    "kbs": ("_kbs", "_kbs_admin"),
+    "token": ("_token",),
+    "image": ("_image",),
+    "policy": ("_policy",),
+    **dict.fromkeys(("run", "ps", "logs", "exec", "stop", "rm", "inspect"), ("_run",)),
+    "quickstart": ("_quickstart",),
+}
+
+
+def _modules_for(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command modules a command line needs: those of its command, or all of them (help, a
+    misspelt command, no command)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return _COMMAND_MODULES.get(arg, _MODULES)
+        if arg in ("-h", "--help", "--version"):
+            break
+    return _MODULES
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``coffer`` parser with every command."""
+    return _build(_MODULES)
+
+
+def _build(modules: Sequence[str]) -> argparse.ArgumentParser:
+    """The ``coffer`` parser with the commands of ``modules``."""
     parser = _Parser(
         prog="coffer",
         description="Confidential containers with hardware attestation.",
     )
     parser.add_argument("--version", action="version", version=f"coffer {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
-    _evidence.register(groups)
-    _attest.register(groups)
-    _kbs.register(groups)
-    _kbs_admin.register(groups)
-    _token.register(groups)
-    _image.register(groups)
-    _policy.register(groups)
-    _run.register(groups)
-    _quickstart.register(groups)
+    for name in modules:
+        import_module(f"coffer.cli.{name}").register(groups)
     return parser
 
 
@@ -53,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_mode = "--json" in args_list
     out = Output(json_mode=json_mode)
     try:
-        parser = build_parser()
+        parser = _build(_modules_for(args_list))
         args = parser.parse_args(args_list)
         if not getattr(args, "handler", None):
             parser.print_help(sys.stderr)

@@ -30,22 +30,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from coffer.cli._output import Output
 from coffer.errors import CofferError, UsageError
 from coffer.guest.protocol import AgentClient, BlockedByPolicyError
-from coffer.image.models import ImageConfig
-from coffer.image.transport import TransportOptions
-from coffer.policy import initdata as initdata_mod
-from coffer.policy.document import load_policy_file
-from coffer.policy.engine import compile_policy
-from coffer.policy.generate import ImageResolver, OciLayoutResolver, RegistryResolver, generate_for_run
 from coffer.policy.model import EnvRule, WorkloadPolicy
 from coffer.policy.requests import ContainerSpec, container_request, exec_request, sandbox_request
 from coffer.sandbox.backend import DEVELOPMENT_LABEL, PortMapping, SandboxSpec
 from coffer.sandbox.process import AGENT_COMMAND, ProcessBackend
 from coffer.sandbox.state import SandboxRecord, StateStore
+
+if TYPE_CHECKING:
+    # Imported where used: policy generation resolves images (registry client, httpx), which a run
+    # with --policy, and ps/rm/logs, never need.
+    from coffer.image.models import ImageConfig
+    from coffer.policy.generate import ImageResolver, OciLayoutResolver
 
 EXIT_OK: Final = 0
 EXIT_BLOCKED: Final = 1
@@ -180,11 +180,13 @@ class _LayoutsResolver:
     """Images from OCI layouts: ``DIR`` itself or its sub-directories holding an ``oci-layout``."""
 
     def __init__(self, directory: Path) -> None:
+        from coffer.policy.generate import OciLayoutResolver  # noqa: PLC0415
+
         candidates = [directory] if (directory / "oci-layout").is_file() else sorted(
             p for p in directory.iterdir() if (p / "oci-layout").is_file())
         if not candidates:
             raise UsageError(f"{directory} holds no OCI layout")
-        self.resolvers = [OciLayoutResolver(path) for path in candidates]
+        self.resolvers: list[OciLayoutResolver] = [OciLayoutResolver(path) for path in candidates]
 
     def resolve(self, reference: str) -> tuple[str, ImageConfig]:
         last: UsageError | None = None
@@ -200,6 +202,8 @@ class _LayoutsResolver:
 def generated_policy(*, name: str, image: str, command: Sequence[str], env: dict[str, str],
                      resolver: ImageResolver) -> tuple[WorkloadPolicy, ContainerSpec, bytes]:
     """A policy allowing exactly this container (logs allowed, exec denied), its spec, its initdata."""
+    from coffer.policy.generate import generate_for_run  # noqa: PLC0415
+
     workload = generate_for_run(name=name, image=image, command=list(command), env=env,
                                 image_resolver=resolver, allow_logs=True)
     return workload.policy, workload.specs[0], workload.initdata
@@ -237,11 +241,18 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if args.policy is not None:
+        from coffer.policy import initdata as initdata_mod  # noqa: PLC0415
+        from coffer.policy.document import load_policy_file  # noqa: PLC0415
+        from coffer.policy.engine import compile_policy  # noqa: PLC0415
+
         policy = load_policy_file(args.policy)
         spec = spec_from_policy(policy, image=args.image, command=command, env=env)
         initdata = initdata_mod.build_initdata(compile_policy(policy))
         name = args.name or policy.name
     else:
+        from coffer.image.transport import TransportOptions  # noqa: PLC0415
+        from coffer.policy.generate import RegistryResolver  # noqa: PLC0415
+
         name = args.name or f"coffer-{secrets_mod.token_hex(3)}"
         resolver: ImageResolver = (_LayoutsResolver(args.image_layouts) if args.image_layouts is not None
                                    else RegistryResolver(TransportOptions(insecure=args.insecure)))

@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from coffer.attestation.binding import MAX_INITDATA_BYTES, pcr8_for_initdata
 from coffer.errors import (
@@ -70,6 +70,9 @@ from coffer.policy.document import parse_policy
 from coffer.policy.engine import Decision, PolicyEngine, policy_data, split_policy
 from coffer.policy.initdata import InitData, InitDataDigests, digests, parse_initdata_document
 from coffer.policy.model import WorkloadPolicy
+
+if TYPE_CHECKING:
+    from coffer.kbs.client import KbsClient
 
 log = logging.getLogger(__name__)
 
@@ -544,6 +547,45 @@ class Agent:
 # The command
 
 
+def _plain_http_transport(url: str) -> Any:
+    """For an ``http://`` KBS: an httpx transport without a TLS context. The default one loads the
+    CA bundle (tens of milliseconds at every start) for TLS that plain http never uses; the client
+    follows no redirects, so it never leaves that origin. None (the default transport, verifying)
+    for any other scheme."""
+    if not url.lower().startswith("http://"):
+        return None
+    import httpx  # noqa: PLC0415
+
+    return httpx.HTTPTransport(verify=False)
+
+
+class EarlyAttestation:
+    """The KBS handshake run on a thread as soon as the launch checks passed and initdata is measured,
+    so that the first layer key or secret does not wait for the TPM quote and the KBS round trips.
+
+    It attests exactly what the first key request would have attested (the runtime register holds
+    only the InitData event until a pulled image is measured). It is an optimisation only: a failure
+    is logged, and the client attests again when a key or secret is needed, reporting the error
+    there. Every user of the client calls :meth:`wait` first: the client is not shared between
+    threads.
+    """
+
+    def __init__(self, client: KbsClient) -> None:
+        self._client = client
+        self._thread = threading.Thread(target=self._run, name="early-attestation", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._client.attest()
+        except Exception as exc:  # retried (and reported) by the first key or secret request
+            log.info("attestation at start-up failed, retried when a key is needed: %s",
+                     exc if isinstance(exc, CofferError) else type(exc).__name__)
+
+    def wait(self) -> None:
+        self._thread.join()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coffer-agent", description="Coffer's guest agent.")
     parser.add_argument("--socket", required=True, type=Path, help="unix socket to serve the host on")
@@ -592,15 +634,26 @@ def _build(args: argparse.Namespace) -> tuple[bytes, Agent, ContainerRuntime]:
                                  "digest": verified.digests.digest.hex()})
     client: KbsClient | None = None
     keys: DecryptionKeys | None = None
+    early: EarlyAttestation | None = None
     if args.kbs:
         options = {"tcti": args.tcti} if args.tee == "tpm" else {}
         client = KbsClient(args.kbs, attester_for(args.tee, **options),
-                           init_data=BindingInitData(format="toml", body=raw.decode("utf-8")))
-        keys = DecryptionKeys(kek_for=AttestedKekLookup(client))
+                           init_data=BindingInitData(format="toml", body=raw.decode("utf-8")),
+                           transport=_plain_http_transport(args.kbs))
+        pending = early = EarlyAttestation(client)
+        lookup = AttestedKekLookup(client)
+
+        def kek_for(kid: str) -> bytes | None:
+            pending.wait()
+            return lookup(kid)
+
+        keys = DecryptionKeys(kek_for=kek_for)
     shared = client
 
     def kbs_factory() -> KbsClient:
         assert shared is not None
+        if early is not None:
+            early.wait()
         return shared
 
     def claims() -> dict[str, Any] | None:
@@ -617,6 +670,10 @@ def _build(args: argparse.Namespace) -> tuple[bytes, Agent, ContainerRuntime]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``coffer-agent``: check initdata, then serve until SIGTERM/SIGINT. Exit 1 when refusing."""
     args = _parser().parse_args(argv)
+    # httpx imports its command-line client (click, rich, pygments) when present; the agent never
+    # uses it, and those imports are a large share of the agent's start-up. A None entry makes that
+    # optional import fail, which httpx handles.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

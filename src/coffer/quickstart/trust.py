@@ -395,6 +395,14 @@ class DevTrust:
     relay: KbsRelay
 
     def agent_command(self, *, swap_initdata: Path | None = None) -> str:
+        """The agent command line for :meth:`env`: the plain agent, or, to swap initdata, the agent
+        behind :data:`AGENT_WRAPPER`. The process backend relays a loopback ``--kbs`` into the
+        sandbox itself (its egress relay), so the wrapper's own relay is only a fallback there, and
+        skipping the wrapper saves an interpreter start on every sandbox."""
+        import shlex  # noqa: PLC0415
+
+        if swap_initdata is None:
+            return shlex.join(AGENT_MODULE_COMMAND)
         return agent_command(self.state_root, [self.relay], swap_initdata=swap_initdata)
 
     def env(self, extra: Mapping[str, str] | None = None, *,

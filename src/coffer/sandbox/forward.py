@@ -13,6 +13,12 @@ direction of each connection) and both run as their own process through :func:`m
     python -m coffer.sandbox.forward host  --map FD=UNIX_PATH ...   # FD: an inherited listening TCP socket
     python -m coffer.sandbox.forward inner --map UNIX_PATH=PORT ...
 
+The way out (the sandbox reaching a service on the host's loopback, e.g. a local KBS) is the same
+pair the other way round: ``egress-inner --map PORT=UNIX_PATH`` listens on 127.0.0.1:PORT in the
+netns, ``egress-host --map UNIX_PATH=PORT`` connects to 127.0.0.1:PORT on the host. ``host`` and
+``inner`` also take those maps as ``--egress``, so one process per side serves both directions
+(every forwarder is an interpreter start on the sandbox's start-up path).
+
 The host side inherits its listening socket from the launcher, so "port already in use" is reported
 by the command that asked for the port, not by a background process. Both run until SIGTERM.
 """
@@ -212,14 +218,25 @@ def _parse_maps(kind: str, items: Sequence[str]) -> list[tuple[socket.socket, Co
     return routes
 
 
+_EGRESS_KIND: Final = {"host": "egress-host", "inner": "egress-inner"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coffer.sandbox.forward")
     parser.add_argument("kind", choices=("host", "inner", "egress-host", "egress-inner"))
     parser.add_argument("--map", action="append", default=[], dest="maps",
-                        help="host: LISTEN_FD=UNIX_PATH; inner: UNIX_PATH=PORT")
+                        help="host: LISTEN_FD=UNIX_PATH; inner: UNIX_PATH=PORT; egress-host: UNIX_PATH=PORT; "
+                             "egress-inner: PORT=UNIX_PATH")
+    parser.add_argument("--egress", action="append", default=[], dest="egress",
+                        help="host and inner: also serve these egress-host / egress-inner maps")
     args = parser.parse_args(argv)
     try:
-        forwarder = Forwarder(_parse_maps(args.kind, args.maps))
+        if args.egress and args.kind not in _EGRESS_KIND:
+            raise UsageError(f"--egress goes with host or inner, not {args.kind}")
+        routes = _parse_maps(args.kind, args.maps)
+        if args.egress:
+            routes += _parse_maps(_EGRESS_KIND[args.kind], args.egress)
+        forwarder = Forwarder(routes)
     except (UsageError, ConfigError, TransportError, ValueError, OSError) as exc:
         sys.stderr.write(f"forwarder: {exc}\n")
         return 2

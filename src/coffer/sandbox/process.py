@@ -28,9 +28,12 @@ the tpm TEE (use the sample TEE, or a VM backend whose TEE register is wide enou
 digest hex in ``launch-measurement``. (2) ``unshare --mount --pid --net --uts --ipc --fork
 --mount-proc --propagation private --kill-child`` runs :data:`LAUNCHER` as the new pid namespace's
 init: it mounts the storage tmpfs, bind-mounts the image layouts read-only, brings ``lo`` up, sets the
-host name, starts the inner port forwarder and the agent, passes SIGTERM on to the agent, reaps
-orphans, and exits with the agent. (3) The host waits for ``agent.sock`` to accept, then starts the
-host port forwarder with the listening sockets it already bound (so a busy port fails the command).
+host name, starts the agent and then the inner forwarder (published ports, and the way out to a KBS
+on the host's loopback), passes SIGTERM on to the agent, reaps orphans, and exits with the agent.
+(3) The host waits for ``agent.sock`` to accept. The host forwarder (the published ports, with the
+listening sockets the command already bound, so a busy port fails the command; and the host end of
+the way out) is started before (1), so its start overlaps the TPM's and the agent's, and is checked
+before the sandbox counts as running.
 
 Stop: SIGTERM to the namespace's init (the agent gets it), SIGKILL after the grace period; when the
 init dies the kernel kills everything else in the pid namespace and drops the mount namespace with
@@ -93,18 +96,17 @@ flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 
 fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))  # SIOCSIFFLAGS: IFF_UP
 s.close()
 socket.sethostname(cfg["hostname"])
-children = []
-if cfg.get("egress"):
-    out = [sys.executable, "-m", "coffer.sandbox.forward", "egress-inner"]
-    for item in cfg["egress"]:
-        out += ["--map", item]
-    children.append(subprocess.Popen(out, stdin=subprocess.DEVNULL))
-if cfg.get("forward"):
-    fwd = [sys.executable, "-m", "coffer.sandbox.forward", "inner"]
-    for item in cfg["forward"]:
-        fwd += ["--map", item]
-    children.append(subprocess.Popen(fwd, stdin=subprocess.DEVNULL))
+# The agent first: its start-up is the long one. One forwarder serves the published ports and the
+# way out to the host's loopback (the agent needs that only once it serves requests).
 agent = subprocess.Popen(cfg["agent"], stdin=subprocess.DEVNULL)
+children = []
+if cfg.get("egress") or cfg.get("forward"):
+    fwd = [sys.executable, "-m", "coffer.sandbox.forward", "inner"]
+    for item in cfg.get("forward", []):
+        fwd += ["--map", item]
+    for item in cfg.get("egress", []):
+        fwd += ["--egress", item]
+    children.append(subprocess.Popen(fwd, stdin=subprocess.DEVNULL))
 def on_term(signum, frame):
     for child in [agent, *children]:
         try:
@@ -369,6 +371,16 @@ class ProcessBackend(SandboxBackend):
         storage.mkdir(mode=0o700)
         (directory / "ports").mkdir(mode=0o700)
         processes: dict[str, ProcessRef] = {}
+        # The agent's network namespace has only lo: a KBS on the host's loopback is reached through
+        # a unix socket, the same port number inside (so the URL stays as given).
+        egress = _loopback_port(spec.kbs)
+        forwarder: subprocess.Popen[bytes] | None = None
+        if listeners or egress is not None:
+            # Started first and checked later: its interpreter start overlaps the TPM and the agent's.
+            forwarder = self._spawn_host_forwarder(directory, record, listeners, egress)
+            processes["forwarder"] = ProcessRef.of(forwarder.pid)
+            record = record.with_changes(processes=dict(processes))
+            self.store.save(record)
         if record.tee == "tpm":
             processes["swtpm"] = self._start_tpm(directory / "tpm", digest)
             record = record.with_changes(processes=dict(processes))
@@ -393,13 +405,6 @@ class ProcessBackend(SandboxBackend):
                 raise UsageError(f"image layouts directory {spec.image_layouts} does not exist")
             agent_args += ["--image-layouts", str(layouts)]
             readonly.append(str(layouts))
-        egress = _loopback_port(spec.kbs)
-        if egress is not None:
-            # The agent's network namespace has only lo: its KBS on the host's loopback is reached
-            # through a unix socket, the same port number inside (so the URL stays as given).
-            processes["egress"] = self._start_egress(directory, egress)
-            record = record.with_changes(processes=dict(processes))
-            self.store.save(record)
         launch = {
             "egress": [f"{egress}={directory / 'egress.sock'}"] if egress is not None else [],
             "storage": str(storage),
@@ -429,11 +434,11 @@ class ProcessBackend(SandboxBackend):
         processes["agent"] = ProcessRef.of(init_pid)
         record = record.with_changes(processes=dict(processes))
         self.store.save(record)
+        if forwarder is not None:
+            self._check_ready(forwarder, directory)
         socket_path = self.agent_socket(record)
         self._wait_for(lambda: 1 if _socket_accepts(socket_path) else 0, process, directory,
                        what="the agent socket")
-        if listeners:
-            processes["forwarder"] = self._start_host_forwarder(directory, record, listeners)
         record = record.with_changes(processes=dict(processes), status="running")
         self.store.save(record)
         return record
@@ -519,46 +524,31 @@ class ProcessBackend(SandboxBackend):
                                     + result.stderr.decode(errors="replace")[-500:])
         return ref
 
-    def _start_egress(self, directory: Path, port: int) -> ProcessRef:
-        args = [sys.executable, "-m", "coffer.sandbox.forward", "egress-host", "--map",
-                f"{directory / 'egress.sock'}={port}"]
-        log = open(directory / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            process = _adopt(subprocess.Popen(  # noqa: S603 - fixed argument list, no shell
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-                env=self._child_env(), cwd="/"))
-        finally:
-            log.close()
-        ref = ProcessRef.of(process.pid)
-        assert process.stdout is not None
-        line = _read_line(process.stdout, 10.0)
-        process.stdout.close()
-        if line != b"ready\n":
-            terminate(ref, timeout=1.0)
-            raise SandboxStartError(f"the KBS relay did not start: {_log_tail(directory / 'forwarder.log')}")
-        return ref
-
-    def _start_host_forwarder(self, directory: Path, record: SandboxRecord,
-                              listeners: list[socket.socket]) -> ProcessRef:
+    def _spawn_host_forwarder(self, directory: Path, record: SandboxRecord, listeners: list[socket.socket],
+                              egress: int | None) -> subprocess.Popen[bytes]:
+        """The host side of the published ports (the listening sockets already bound, inherited) and
+        of the way out to 127.0.0.1:``egress``; :meth:`_check_ready` waits for it."""
         args = [sys.executable, "-m", "coffer.sandbox.forward", "host"]
         for listener, (_, container) in zip(listeners, record.ports, strict=True):
             args += ["--map", f"{listener.fileno()}={directory / 'ports' / f'{container}.sock'}"]
+        if egress is not None:
+            args += ["--egress", f"{directory / 'egress.sock'}={egress}"]
         log = open(directory / "forwarder.log", "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
-            process = _adopt(subprocess.Popen(  # noqa: S603 - fixed argument list, no shell
+            return _adopt(subprocess.Popen(  # noqa: S603 - fixed argument list, no shell
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
                 pass_fds=[listener.fileno() for listener in listeners], env=self._child_env(), cwd="/"))
         finally:
             log.close()
-        ref = ProcessRef.of(process.pid)
+
+    def _check_ready(self, process: subprocess.Popen[bytes], directory: Path) -> None:
         assert process.stdout is not None
         line = _read_line(process.stdout, 10.0)
         process.stdout.close()
         if line != b"ready\n":
-            terminate(ref, timeout=1.0)
+            terminate(ProcessRef.of(process.pid), timeout=1.0)
             tail = _log_tail(directory / "forwarder.log")
             raise SandboxStartError(f"the port forwarder did not start: {tail}")
-        return ref
 
     # ------------------------------------------------------------------------------------ stop
 

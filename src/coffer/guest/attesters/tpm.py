@@ -180,6 +180,11 @@ class TpmAttester:
         """The AK, created under the EK and persisted at ``ak_handle`` on first use."""
         if self._ak is not None:
             return self._ak
+        # Usually the AK is there already (persisted in the TPM's state): read it with one tool run,
+        # and list the persistent handles only when that fails.
+        with contextlib.suppress(AttesterError):
+            self._ak = ak_info(self._read_public(self.ak_handle))
+            return self._ak
         if self.ak_handle not in self.tools.persistent_handles():
             self.ensure_ek()
             with self._workdir() as work:
@@ -255,18 +260,23 @@ class TpmAttester:
     def quote(self, qualifying_data: bytes) -> tuple[bytes, bytes, list[bytes]]:
         """TPM2_Quote over the selected PCRs: (TPMS_ATTEST, TPMT_SIGNATURE, PCR values).
 
-        The PCR values are read just before the quote; if a PCR was extended in between (the quoted
-        digest differs), the pair is taken again."""
+        The PCR values are read by the same tpm2_quote run, right after the quote; if a PCR was
+        extended in between (the quoted digest differs), the pair is taken again."""
         self.ensure_ak()
+        size = st.HASH_SIZES[_BANK_IDS[self.bank]]
         for _ in range(3):
-            values = self.read_pcrs()
             with self._workdir() as work:
                 cwd = Path(work)
                 self.tools.run("tpm2_quote", "-c", f"{self.ak_handle:#x}", "-l", self._selection(),
                                "-q", qualifying_data.hex(), "-m", "msg.bin", "-s", "sig.bin",
-                               "-g", "sha256", cwd=cwd)
+                               "-g", "sha256", "-o", "pcrs.bin", "-F", "values", cwd=cwd)
                 message = (cwd / "msg.bin").read_bytes()
                 signature = (cwd / "sig.bin").read_bytes()
+                raw = (cwd / "pcrs.bin").read_bytes()
+            if len(raw) != size * len(self.pcrs):
+                raise AttesterError(f"tpm2_quote returned {len(raw)} bytes of PCR values for "
+                                    f"{len(self.pcrs)} PCRs")
+            values = [raw[i * size:(i + 1) * size] for i in range(len(self.pcrs))]
             attest = st.parse_attest(message)
             if attest.quote is None:
                 raise AttesterError("tpm2_quote did not return a quote")
