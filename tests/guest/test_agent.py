@@ -479,3 +479,32 @@ def test_agent_command_serves_guest_details_and_stops_on_sigterm(short_dir: Path
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The KBS is the workload owner's, named in the measured initdata
+
+
+def test_the_kbs_comes_from_the_measured_initdata() -> None:
+    from coffer.guest.agent import trusted_kbs
+    from coffer.policy.initdata import aa_toml_for_kbs, build_initdata
+
+    named = build_initdata("package agent_policy\n", aa_toml=aa_toml_for_kbs("http://127.0.0.1:8080"))
+    assert trusted_kbs(named, None) == "http://127.0.0.1:8080"
+    assert trusted_kbs(named, "http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+    with pytest.raises(UsageError, match="not the workload's KBS"):
+        trusted_kbs(named, "http://host-run-kbs.example")
+    unnamed = build_initdata("package agent_policy\n")
+    assert trusted_kbs(unnamed, None) is None
+    with pytest.raises(UsageError, match="names no KBS"):
+        trusted_kbs(unnamed, "http://127.0.0.1:8080")
+
+
+def test_cdh_kbc_url_is_read_too_and_a_bad_url_is_a_format_error() -> None:
+    from coffer.policy.initdata import build_initdata, kbs_url, parse_initdata_document
+
+    doc = build_initdata("p", cdh_toml='[kbc]\nname = "cc_kbc"\nurl = "https://kbs.example"\n')
+    assert kbs_url(parse_initdata_document(doc)) == "https://kbs.example"
+    bad = build_initdata("p", aa_toml='[token_configs.kbs]\nurl = "file:///etc/passwd"\n')
+    with pytest.raises(FormatError, match="http"):
+        kbs_url(parse_initdata_document(bad))

@@ -199,13 +199,23 @@ class _LayoutsResolver:
         raise last
 
 
+def _aa_toml(kbs: str | None) -> str | None:
+    """The initdata's attestation-agent config naming the KBS: the agent trusts only that KBS."""
+    if kbs is None:
+        return None
+    from coffer.policy.initdata import aa_toml_for_kbs  # noqa: PLC0415
+
+    return aa_toml_for_kbs(kbs)
+
+
 def generated_policy(*, name: str, image: str, command: Sequence[str], env: dict[str, str],
-                     resolver: ImageResolver) -> tuple[WorkloadPolicy, ContainerSpec, bytes]:
+                     resolver: ImageResolver,
+                     aa_toml: str | None = None) -> tuple[WorkloadPolicy, ContainerSpec, bytes]:
     """A policy allowing exactly this container (logs allowed, exec denied), its spec, its initdata."""
     from coffer.policy.generate import generate_for_run  # noqa: PLC0415
 
     workload = generate_for_run(name=name, image=image, command=list(command), env=env,
-                                image_resolver=resolver, allow_logs=True)
+                                image_resolver=resolver, allow_logs=True, aa_toml=aa_toml)
     return workload.policy, workload.specs[0], workload.initdata
 
 
@@ -247,7 +257,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
 
         policy = load_policy_file(args.policy)
         spec = spec_from_policy(policy, image=args.image, command=command, env=env)
-        initdata = initdata_mod.build_initdata(compile_policy(policy))
+        initdata = initdata_mod.build_initdata(compile_policy(policy), aa_toml=_aa_toml(args.kbs))
         name = args.name or policy.name
     else:
         from coffer.image.transport import TransportOptions  # noqa: PLC0415
@@ -257,7 +267,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         resolver: ImageResolver = (_LayoutsResolver(args.image_layouts) if args.image_layouts is not None
                                    else RegistryResolver(TransportOptions(insecure=args.insecure)))
         policy, spec, initdata = generated_policy(name=name, image=args.image, command=command, env=env,
-                                                  resolver=resolver)
+                                                  resolver=resolver, aa_toml=_aa_toml(args.kbs))
     backend = _backend()
     sandbox = backend.create(SandboxSpec(
         name=name, initdata=initdata, image=spec.image, tee=args.tee, ports=ports, kbs=args.kbs,

@@ -612,6 +612,21 @@ def _read_initdata(path: Path) -> bytes:
     return raw
 
 
+def trusted_kbs(initdata: bytes, requested: str | None) -> str | None:
+    """The KBS the workload's owner named in the measured initdata (``aa.toml``/``cdh.toml``).
+
+    The host's ``--kbs`` may only repeat it: a host-chosen KBS could hand the workload secrets of the
+    host's choosing, so a different one, or one when the initdata names none, refuses the start.
+    """
+    from coffer.policy.initdata import kbs_url, parse_initdata_document  # noqa: PLC0415
+
+    named = kbs_url(parse_initdata_document(initdata))
+    if requested and requested.rstrip("/") != (named or "").rstrip("/"):
+        where = f"names {named}" if named else "names no KBS"
+        raise UsageError(f"--kbs {requested} is not the workload's KBS (the measured initdata {where})")
+    return named
+
+
 def _build(args: argparse.Namespace) -> tuple[bytes, Agent, ContainerRuntime]:
     from coffer.attestation.binding import InitData as BindingInitData  # noqa: PLC0415
     from coffer.guest.attesters import attester_for  # noqa: PLC0415
@@ -635,11 +650,12 @@ def _build(args: argparse.Namespace) -> tuple[bytes, Agent, ContainerRuntime]:
     client: KbsClient | None = None
     keys: DecryptionKeys | None = None
     early: EarlyAttestation | None = None
-    if args.kbs:
+    kbs = trusted_kbs(raw, args.kbs)
+    if kbs is not None:
         options = {"tcti": args.tcti} if args.tee == "tpm" else {}
-        client = KbsClient(args.kbs, attester_for(args.tee, **options),
+        client = KbsClient(kbs, attester_for(args.tee, **options),
                            init_data=BindingInitData(format="toml", body=raw.decode("utf-8")),
-                           transport=_plain_http_transport(args.kbs))
+                           transport=_plain_http_transport(kbs))
         pending = early = EarlyAttestation(client)
         lookup = AttestedKekLookup(client)
 

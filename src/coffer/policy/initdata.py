@@ -192,3 +192,33 @@ def decode_annotation(value: str) -> bytes:
     if len(raw) > MAX_INITDATA_BYTES:
         raise FormatError("initdata annotation", f"expands past {MAX_INITDATA_BYTES} bytes")
     return raw
+
+
+def aa_toml_for_kbs(url: str) -> str:
+    """The attestation-agent config naming the KBS the workload trusts (``[token_configs.kbs]``)."""
+    if not url.startswith(("http://", "https://")) or any(ch in url for ch in "\"\\\n\r\t"):
+        raise UsageError(f"KBS URL {url!r} is not an http(s) URL")
+    return f'[token_configs.kbs]\nurl = "{url}"\n'
+
+
+def kbs_url(init: InitData) -> str | None:
+    """The KBS the measured initdata names: ``aa.toml`` ``[token_configs.kbs] url``, else ``cdh.toml``
+    ``[kbc] url``; None when it names none. FormatError when a named config is not valid TOML."""
+    import tomllib  # noqa: PLC0415 - only the agent needs it
+
+    for name, table in ((AA_FILE, ("token_configs", "kbs")), (CDH_FILE, ("kbc",))):
+        text = init.data.get(name)
+        if text is None:
+            continue
+        try:
+            doc: object = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise FormatError(f"initdata {name}", f"not TOML ({exc})") from None
+        for key in table:
+            doc = doc.get(key) if isinstance(doc, dict) else None
+        url = doc.get("url") if isinstance(doc, dict) else None
+        if url is not None:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise FormatError(f"initdata {name}", "the KBS url is not an http(s) URL")
+            return url
+    return None

@@ -56,7 +56,7 @@ from coffer.image.layout import REF_NAME, OciLayout
 from coffer.policy.document import dump_policy
 from coffer.policy.engine import compile_policy
 from coffer.policy.generate import OciLayoutResolver, generate_for_run
-from coffer.policy.initdata import build_initdata
+from coffer.policy.initdata import aa_toml_for_kbs, build_initdata
 from coffer.policy.model import SignatureRequirement, WorkloadPolicy
 from coffer.quickstart import images
 from coffer.quickstart.trust import DevTrust, child_env, coffer_command, free_port, setup_dev_trust
@@ -277,9 +277,9 @@ def run_policy(app_name: str, reference: str, layout: Path, *, public_key: bytes
     return policy
 
 
-def policy_initdata(policy: WorkloadPolicy) -> bytes:
-    """The initdata ``coffer run --policy`` launches with for this policy."""
-    return build_initdata(compile_policy(policy))
+def policy_initdata(policy: WorkloadPolicy, kbs: str | None = None) -> bytes:
+    """The initdata ``coffer run --policy [--kbs URL]`` launches with for this policy."""
+    return build_initdata(compile_policy(policy), aa_toml=aa_toml_for_kbs(kbs) if kbs else None)
 
 
 def tamper_layer(layout: Path, reference: str) -> str:
