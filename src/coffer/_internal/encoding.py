@@ -103,6 +103,21 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` ``object_pairs_hook`` refusing a key that appears twice (ValueError)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:100]!r}")
+        out[key] = value
+    return out
+
+
+def reject_constant(name: str) -> Any:
+    """``json`` ``parse_constant`` refusing NaN and Infinity (ValueError)."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def load_json_object(data: bytes, what: str, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
     """Parse a JSON object strictly: size-limited, UTF-8, no duplicate keys, no NaN/Infinity."""
     if len(data) > max_bytes:

@@ -47,7 +47,6 @@ ADMIN_TOKEN_ENV = "COFFER_KBS_ADMIN_TOKEN"  # noqa: S105 - a variable name
 REGISTRY_PASSWORD_ENV = "COFFER_REGISTRY_PASSWORD"  # noqa: S105 - a variable name
 SIGNING_PASSWORD_ENV = "COFFER_SIGNING_PASSWORD"  # noqa: S105 - a variable name
 COSIGN_PASSWORD_ENV = "COSIGN_PASSWORD"  # noqa: S105 - a variable name
-MAX_KEY_FILE = 64 * 1024
 
 _EPILOG = """\
 Image names: oci:PATH[:TAG], docker-archive:PATH[:NAME:TAG|:@N], docker://HOST/REPO[:TAG|@DIGEST].
@@ -422,21 +421,12 @@ def _ask_password(prompt: str, *, confirm: bool) -> bytes:
     return first.encode()
 
 
-def _read_small(path: Path, what: str) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_KEY_FILE:
-        raise UsageError(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
-    return data
-
 
 def _signing_key(args: argparse.Namespace) -> signing.SigningKey:
-    data = _read_small(args.sign_key, "signing key")
+    data = image_keys.read_key_file(args.sign_key, "signing key")
     if args.sign_password_file is not None:
-        password: bytes | None = _read_small(args.sign_password_file, "password file").rstrip(b"\r\n")
+        raw = image_keys.read_key_file(args.sign_password_file, "password file")
+        password: bytes | None = raw.rstrip(b"\r\n")
     else:
         password = _password_from_env()
     if password is None and b"ENCRYPTED" in data:

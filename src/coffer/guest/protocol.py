@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
 
+from coffer._internal.encoding import reject_constant, reject_duplicate_keys
 from coffer.errors import PolicyDeniedError, ProtocolError, TransportError
 from coffer.policy.model import ALWAYS_ALLOWED, RULED
 
@@ -156,19 +157,6 @@ def write_frame(channel: socket.socket | IO[bytes], message: Mapping[str, Any]) 
         raise TransportError(f"writing a frame failed: {exc.strerror or type(exc).__name__}") from exc
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _check_depth(value: Any) -> None:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -187,7 +175,7 @@ def decode_message(payload: bytes) -> dict[str, Any]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FrameError(INVALID_ARGUMENT, f"message is not UTF-8 (byte {exc.start})") from None
-    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    decoder = json.JSONDecoder(object_pairs_hook=reject_duplicate_keys, parse_constant=reject_constant)
     try:
         value, end = decoder.raw_decode(text.strip())
         if end != len(text.strip()):

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+from coffer._internal.encoding import reject_constant, reject_duplicate_keys
 from coffer.errors import FormatError, UnsupportedError, UsageError
 from coffer.image import media
 from coffer.image.layout import OciLayout
@@ -110,19 +111,6 @@ def member_name(name: str, what: str) -> str:
     return "/".join(parts)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:100]!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
 def _path_field(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise FormatError(what, "is not a string")
@@ -138,8 +126,8 @@ def parse_archive_manifest(data: bytes) -> tuple[ArchiveImage, ...]:
     if len(data) > MAX_ARCHIVE_MANIFEST_BYTES:
         raise FormatError(what, f"{len(data)} bytes exceeds the limit of {MAX_ARCHIVE_MANIFEST_BYTES}")
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=reject_duplicate_keys,
+                         parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(what, f"invalid JSON: {exc}") from exc
     if not isinstance(obj, list):

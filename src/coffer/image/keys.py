@@ -26,7 +26,8 @@ KBS_PREFIX: Final = "kbs:///"
 MAX_KEY_FILE: Final = 64 * 1024
 
 
-def _read_key_file(path: Path, what: str) -> bytes:
+def read_key_file(path: Path, what: str) -> bytes:
+    """A small key or password file, whole (UsageError when unreadable or over 64 KiB)."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_KEY_FILE + 1)
@@ -42,7 +43,7 @@ def jwe_recipient(spec: str) -> ocicrypt.JweRecipient:
     scheme, sep, path = spec.partition(":")
     if not sep or scheme != "jwe" or not path:
         raise UsageError(f"--recipient must be jwe:PUBLIC_KEY_FILE, got {spec!r}")
-    data = _read_key_file(Path(path), "recipient key")
+    data = read_key_file(Path(path), "recipient key")
     try:
         return ocicrypt.JweRecipient(ocicrypt.load_public_key(data))
     except FormatError as exc:
@@ -54,7 +55,7 @@ def private_keys(paths: Iterable[Path], password: bytes | None = None) -> tuple[
     keys = []
     for path in paths:
         try:
-            keys.append(ocicrypt.load_private_key(_read_key_file(path, "private key"), password))
+            keys.append(ocicrypt.load_private_key(read_key_file(path, "private key"), password))
         except FormatError as exc:
             raise UsageError(f"{path}: {exc.reason}") from exc
     return tuple(keys)

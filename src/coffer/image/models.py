@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
+from coffer._internal.encoding import reject_constant, reject_duplicate_keys
 from coffer.errors import FormatError, UnsupportedError
 from coffer.image import media
 
@@ -82,26 +83,13 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def load_json_object(data: bytes, what: str, limit: int) -> dict[str, Any]:
     """Decode a JSON object of at most ``limit`` bytes, refusing duplicate keys and NaN/Infinity."""
     if len(data) > limit:
         raise FormatError(what, f"{len(data)} bytes exceeds the limit of {limit}")
     try:
         text = data.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(what, f"invalid JSON: {exc}") from exc
     if not isinstance(obj, dict):

@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import regorus  # type: ignore[import-untyped]
 
+from coffer._internal.encoding import reject_constant, reject_duplicate_keys
 from coffer.errors import FormatError, UsageError
 from coffer.policy.model import (
     ALWAYS_ALLOWED,
@@ -307,19 +308,6 @@ def compile_policy(policy: WorkloadPolicy) -> str:
     return f"{RULES}\n{DATA_MARKER}{_dump(policy_data(policy))}\n"
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def split_policy(text: str) -> tuple[str, dict[str, Any]]:
     """(rules, data) of a delivered ``policy.rego``: the text before the last ``policy_data := `` line
     and that line's value, decoded as strict JSON (an object; no duplicate keys, NaN or trailing text)."""
@@ -329,7 +317,7 @@ def split_policy(text: str) -> tuple[str, dict[str, Any]]:
     if not marks:
         raise FormatError("policy.rego", "no 'policy_data := ' line")
     mark = marks[-1]
-    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    decoder = json.JSONDecoder(object_pairs_hook=reject_duplicate_keys, parse_constant=reject_constant)
     try:
         data, end = decoder.raw_decode(text, mark.end())
     except RecursionError:
