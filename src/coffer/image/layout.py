@@ -27,8 +27,6 @@ from typing import Final, Self
 from coffer.errors import FormatError, UsageError
 from coffer.image import media
 from coffer.image.models import (
-    MAX_CONFIG_BYTES,
-    MAX_MANIFEST_BYTES,
     Descriptor,
     ImageConfig,
     Index,
@@ -36,6 +34,9 @@ from coffer.image.models import (
     check_digest,
     load_json_object,
     parse_annotations,
+    read_config_with,
+    read_index_with,
+    read_manifest_with,
 )
 
 LAYOUT_FILE: Final = "oci-layout"
@@ -294,25 +295,13 @@ class OciLayout:
         return b"".join(self.iter_blob(descriptor))
 
     def read_manifest(self, descriptor: Descriptor) -> Manifest:
-        if descriptor.media_type not in media.MANIFEST_TYPES:
-            raise FormatError(
-                "manifest descriptor", f"media type {descriptor.media_type!r} is not a manifest"
-            )
-        return Manifest.parse(
-            self.read_blob(descriptor, MAX_MANIFEST_BYTES), media_type=descriptor.media_type
-        )
+        return read_manifest_with(descriptor, self.read_blob)
 
     def read_nested_index(self, descriptor: Descriptor) -> Index:
-        if descriptor.media_type not in media.INDEX_TYPES:
-            raise FormatError("index descriptor", f"media type {descriptor.media_type!r} is not an index")
-        return Index.parse(
-            self.read_blob(descriptor, MAX_LAYOUT_INDEX_BYTES), media_type=descriptor.media_type
-        )
+        return read_index_with(descriptor, self.read_blob)
 
     def read_config(self, descriptor: Descriptor) -> ImageConfig:
-        if descriptor.media_type not in media.CONFIG_TYPES:
-            raise FormatError("config descriptor", f"media type {descriptor.media_type!r} is not a config")
-        return ImageConfig.parse(self.read_blob(descriptor, MAX_CONFIG_BYTES))
+        return read_config_with(descriptor, self.read_blob)
 
     def blob_writer(self) -> BlobWriter:
         return BlobWriter(self)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -459,3 +459,29 @@ def parse_manifest_or_index(data: bytes, media_type: str | None = None) -> Manif
     if kind in media.MANIFEST_TYPES:
         return Manifest.parse(data, media_type=kind)
     raise FormatError("manifest or index", f"unknown media type {kind!r}")
+
+
+# A function reading a small blob whole under a size ceiling: a source's ``read_document`` or a
+# layout's ``read_blob``.
+DocumentReader = Callable[["Descriptor", int], bytes]
+
+
+def read_manifest_with(descriptor: Descriptor, read: DocumentReader) -> Manifest:
+    """The manifest ``descriptor`` points at (its media type checked first), read with ``read``."""
+    if descriptor.media_type not in media.MANIFEST_TYPES:
+        raise FormatError("manifest descriptor", f"media type {descriptor.media_type!r} is not a manifest")
+    return Manifest.parse(read(descriptor, MAX_MANIFEST_BYTES), media_type=descriptor.media_type)
+
+
+def read_index_with(descriptor: Descriptor, read: DocumentReader) -> Index:
+    """The index ``descriptor`` points at (its media type checked first), read with ``read``."""
+    if descriptor.media_type not in media.INDEX_TYPES:
+        raise FormatError("index descriptor", f"media type {descriptor.media_type!r} is not an index")
+    return Index.parse(read(descriptor, MAX_INDEX_BYTES), media_type=descriptor.media_type)
+
+
+def read_config_with(descriptor: Descriptor, read: DocumentReader) -> ImageConfig:
+    """The image config ``descriptor`` points at (its media type checked first), read with ``read``."""
+    if descriptor.media_type not in media.CONFIG_TYPES:
+        raise FormatError("config descriptor", f"media type {descriptor.media_type!r} is not a config")
+    return ImageConfig.parse(read(descriptor, MAX_CONFIG_BYTES))

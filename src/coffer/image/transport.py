@@ -41,14 +41,14 @@ from coffer.image.layout import (
     staged_layout,
 )
 from coffer.image.models import (
-    MAX_CONFIG_BYTES,
-    MAX_INDEX_BYTES,
-    MAX_MANIFEST_BYTES,
     Descriptor,
     ImageConfig,
     Index,
     Manifest,
     parse_annotations,
+    read_config_with,
+    read_index_with,
+    read_manifest_with,
 )
 from coffer.image.reference import OciLayoutRef
 
@@ -105,23 +105,13 @@ class ImageSource(ABC):
     # -- conveniences shared by every source ------------------------------------------------------
 
     def read_manifest(self, descriptor: Descriptor) -> Manifest:
-        if descriptor.media_type not in media.MANIFEST_TYPES:
-            raise FormatError(
-                "manifest descriptor", f"media type {descriptor.media_type!r} is not a manifest"
-            )
-        return Manifest.parse(
-            self.read_document(descriptor, MAX_MANIFEST_BYTES), media_type=descriptor.media_type
-        )
+        return read_manifest_with(descriptor, self.read_document)
 
     def read_index(self, descriptor: Descriptor) -> Index:
-        if descriptor.media_type not in media.INDEX_TYPES:
-            raise FormatError("index descriptor", f"media type {descriptor.media_type!r} is not an index")
-        return Index.parse(self.read_document(descriptor, MAX_INDEX_BYTES), media_type=descriptor.media_type)
+        return read_index_with(descriptor, self.read_document)
 
     def read_config(self, descriptor: Descriptor) -> ImageConfig:
-        if descriptor.media_type not in media.CONFIG_TYPES:
-            raise FormatError("config descriptor", f"media type {descriptor.media_type!r} is not a config")
-        return ImageConfig.parse(self.read_document(descriptor, MAX_CONFIG_BYTES))
+        return read_config_with(descriptor, self.read_document)
 
     def __enter__(self) -> Self:
         return self
