@@ -70,6 +70,23 @@ def _assert_nothing_left(backend: ProcessBackend, sandbox_id: str, directory: Pa
     assert not any(sandbox_id in line for line in Path("/proc/self/mounts").read_text().splitlines())
 
 
+def _echo_through(port: int, deadline: float = 10.0) -> bytes:
+    """Send b"ping" through the forwarded port, retrying while the inner server is not listening."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"ping")
+                answer = conn.recv(4)
+            if answer:
+                return answer
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            return b""
+        time.sleep(0.05)
+
+
 def test_sample_sandbox_runs_the_agent_in_its_own_namespaces(backend: ProcessBackend,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     inner_port, host_port = _free_port(), _free_port()
@@ -96,10 +113,9 @@ def test_sample_sandbox_runs_the_agent_in_its_own_namespaces(backend: ProcessBac
     assert result["storage_mounted"] is True
     assert result["initdata_digest"] == hashlib.sha256(INITDATA).hexdigest()
     assert (sandbox.directory / "initdata.toml").read_bytes() == INITDATA
-    # The published port reaches the echo server inside the sandbox's netns.
-    with socket.create_connection(("127.0.0.1", host_port), timeout=5) as conn:
-        conn.sendall(b"ping")
-        assert conn.recv(4) == b"ping"
+    # The published port reaches the echo server inside the sandbox's netns (which, like any
+    # workload's server, may start listening a moment after the sandbox is up: clients retry).
+    assert _echo_through(host_port) == b"ping"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", inner_port)) != 0  # not on the host's loopback
     assert backend.describe(record)["confidentiality"] == DEVELOPMENT_LABEL
