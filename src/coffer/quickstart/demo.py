@@ -403,7 +403,7 @@ def _demo(work: Path, state: Path, steps: _Steps, *, cache: Path | None,
 
     with steps.step(2, "starting the KBS and trusting the sandbox TPM") as result:
         trust = setup_dev_trust(work, state)
-        steps.line(2, f"KBS {trust.kbs.url}, guest relay {trust.relay.path}")
+        steps.line(2, f"KBS {trust.kbs.url}")
         report.kbs_url = trust.kbs.url
         result.detail = (f"{trust.kbs.url}; AK enrolled by credential activation, "
                          f"{len(trust.tpm.pcrs)} PCRs registered, resource policy: default")

@@ -310,75 +310,35 @@ def trust_sandbox_tpm(kbs: LocalKbs, state_root: Path) -> TpmTrust:
 # The guest's way to the KBS
 
 
-#: Run inside the sandbox's namespaces in place of the agent command: relays 127.0.0.1:PORT of the
-#: sandbox's network namespace to a unix socket on the host (served by :class:`KbsRelay`), optionally
-#: replaces initdata first (the "host changed the policy after launch" demonstration), then execs the
-#: agent, which keeps the process id the launcher waits for and signals.
+#: Run inside the sandbox's namespaces in place of the agent command to demonstrate "the host changed
+#: the policy after launch": replaces the initdata file the agent reads, then execs the agent (which
+#: keeps the process id the launcher waits for and signals). The way to a loopback KBS is the
+#: process backend's own egress relay.
 AGENT_WRAPPER: Final = r"""
-import os, shutil, socket, sys
-from pathlib import Path
+import os, shutil, sys
 args = sys.argv[1:]
 split = args.index("--")
 options, agent = args[:split], args[split + 1:]
-relays, swap = [], None
-for i in range(0, len(options), 2):
-    if options[i] == "--relay":
-        path, port = options[i + 1].rsplit("=", 1)
-        relays.append((path, int(port)))
-    elif options[i] == "--swap-initdata":
-        swap = options[i + 1]
-if swap is not None:
-    shutil.copyfile(swap, agent[agent.index("--initdata") + 1])
-if relays:
-    from coffer.sandbox.forward import Forwarder, bind_tcp, unix_connector
-    routes = []
-    for path, port in relays:
-        try:
-            routes.append((bind_tcp("127.0.0.1", port), unix_connector(Path(path))))
-        except Exception:
-            pass  # the backend relays this port itself
-    if routes and os.fork() == 0:
-        os.setsid()
-        Forwarder(routes).serve_forever()
-        os._exit(0)
-    for listener, _ in routes:
-        listener.close()
+if options[:1] == ["--swap-initdata"]:
+    shutil.copyfile(options[1], agent[agent.index("--initdata") + 1])
 os.execv(agent[0], agent)
 """
 
 AGENT_MODULE_COMMAND: Final = (sys.executable, "-m", "coffer.guest.agent")
 
 
-class KbsRelay:
-    """The host side of the guest's way to the KBS: a unix socket whose connections go to the KBS's
-    TCP port (a thread of this process; the sandbox's network namespace has only ``lo``)."""
-
-    def __init__(self, path: Path, port: int) -> None:
-        from coffer.sandbox.forward import Forwarder, bind_unix, tcp_connector  # noqa: PLC0415
-
-        self.path = path
-        self.port = port
-        self._forwarder = Forwarder([(bind_unix(path), tcp_connector("127.0.0.1", port))]).start()
-
-    def stop(self) -> None:
-        self._forwarder.stop()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-def agent_command(directory: Path, relays: list[KbsRelay], *, swap_initdata: Path | None = None) -> str:
-    """A ``$COFFER_AGENT_COMMAND`` running the agent behind :data:`AGENT_WRAPPER`."""
+def agent_command(directory: Path, *, swap_initdata: Path | None = None) -> str:
+    """A ``$COFFER_AGENT_COMMAND``: the plain agent, or the agent behind :data:`AGENT_WRAPPER` when
+    initdata is to be swapped."""
     import shlex  # noqa: PLC0415
 
+    if swap_initdata is None:
+        return shlex.join(AGENT_MODULE_COMMAND)
     wrapper = directory / "agent-wrapper.py"
     if not wrapper.exists() or wrapper.read_text() != AGENT_WRAPPER:
         wrapper.write_text(AGENT_WRAPPER)
-    args = [sys.executable, str(wrapper)]
-    for relay in relays:
-        args += ["--relay", f"{relay.path}={relay.port}"]
-    if swap_initdata is not None:
-        args += ["--swap-initdata", str(swap_initdata)]
-    return shlex.join([*args, "--", *AGENT_MODULE_COMMAND])
+    return shlex.join([sys.executable, str(wrapper), "--swap-initdata", str(swap_initdata), "--",
+                       *AGENT_MODULE_COMMAND])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,33 +347,21 @@ def agent_command(directory: Path, relays: list[KbsRelay], *, swap_initdata: Pat
 
 @dataclass
 class DevTrust:
-    """A KBS trusting the sandboxes of one state root, and the relay that lets them reach it."""
+    """A KBS trusting the sandboxes of one state root (the process backend relays a loopback KBS
+    into each sandbox)."""
 
     kbs: LocalKbs
     tpm: TpmTrust
     state_root: Path
-    relay: KbsRelay
-
-    def agent_command(self, *, swap_initdata: Path | None = None) -> str:
-        """The agent command line for :meth:`env`: the plain agent, or, to swap initdata, the agent
-        behind :data:`AGENT_WRAPPER`. The process backend relays a loopback ``--kbs`` into the
-        sandbox itself (its egress relay), so the wrapper's own relay is only a fallback there, and
-        skipping the wrapper saves an interpreter start on every sandbox."""
-        import shlex  # noqa: PLC0415
-
-        if swap_initdata is None:
-            return shlex.join(AGENT_MODULE_COMMAND)
-        return agent_command(self.state_root, [self.relay], swap_initdata=swap_initdata)
 
     def env(self, extra: Mapping[str, str] | None = None, *,
             swap_initdata: Path | None = None) -> dict[str, str]:
         """The environment for ``coffer`` commands on these sandboxes."""
         return child_env({"COFFER_STATE_DIR": str(self.state_root),
-                          "COFFER_AGENT_COMMAND": self.agent_command(swap_initdata=swap_initdata),
+                          "COFFER_AGENT_COMMAND": agent_command(self.state_root, swap_initdata=swap_initdata),
                           **(extra or {})})
 
     def stop(self) -> None:
-        self.relay.stop()
         self.kbs.stop()
 
 
@@ -422,18 +370,16 @@ def setup_dev_trust(work_dir: Path, state_root: Path) -> DevTrust:
     kbs = start_kbs(work_dir / "kbs")
     try:
         tpm = trust_sandbox_tpm(kbs, state_root)
-        relay = KbsRelay(state_root / "kbs.sock", kbs.port)
     except BaseException:
         kbs.stop()
         raise
-    return DevTrust(kbs=kbs, tpm=tpm, state_root=state_root, relay=relay)
+    return DevTrust(kbs=kbs, tpm=tpm, state_root=state_root)
 
 
 __all__ = [
     "AGENT_WRAPPER",
     "REGISTERED_PCRS",
     "DevTrust",
-    "KbsRelay",
     "LocalKbs",
     "TpmTrust",
     "agent_command",
