@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from coffer._internal.clock import as_utc, parse_reference_time, utc_now
+from coffer._internal.files import read_bounded_text
 from coffer.cli._output import Output
 from coffer.errors import ProtocolError, UsageError
 from coffer.kbs import admin, admin_client
@@ -371,17 +372,7 @@ def run_resource_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def _read_policy(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_POLICY_FILE:
-        raise UsageError(f"{path} is larger than {MAX_POLICY_FILE} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text") from exc
-
+    return read_bounded_text(path, "policy file", MAX_POLICY_FILE)
 
 def _b64url(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=").decode("ascii")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from coffer._internal.files import read_bounded_text
 from coffer.cli._output import Output
 from coffer.errors import FormatError, UsageError
 from coffer.policy import initdata as initdata_mod
@@ -124,19 +125,7 @@ def _initdata_options(parser: argparse.ArgumentParser, *, with_policy: bool = Tr
 
 
 def _read_text(path: Path | None, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_INPUT_FILE:
-        raise UsageError(f"{what} {path} is larger than {MAX_INPUT_FILE} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} {path} is not UTF-8 text") from exc
-
+    return None if path is None else read_bounded_text(path, what, MAX_INPUT_FILE)
 
 def build_initdata_for(args: argparse.Namespace, policy_path: Path) -> bytes:
     """The exact initdata bytes for a policy file with the command's options."""

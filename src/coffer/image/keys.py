@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from coffer._internal.files import read_bounded
 from coffer.errors import FormatError, ProtocolError, UsageError
 from coffer.image import ocicrypt
 from coffer.kbs.admin_client import AdminClient, resource_path
@@ -28,14 +29,7 @@ MAX_KEY_FILE: Final = 64 * 1024
 
 def read_key_file(path: Path, what: str) -> bytes:
     """A small key or password file, whole (UsageError when unreadable or over 64 KiB)."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_KEY_FILE:
-        raise UsageError(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
-    return data
+    return read_bounded(path, what, MAX_KEY_FILE)
 
 
 def jwe_recipient(spec: str) -> ocicrypt.JweRecipient:
