@@ -8,16 +8,21 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml scripts/bootstrap.sh | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo demo-evidence test lint typecheck unit bench install clean
+.PHONY: demo demo-evidence test lint typecheck unit bench install native clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	@PYTHON=$(PYTHON) VENV=$(VENV) sh scripts/bootstrap.sh
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-install: $(STAMP)
+install: $(STAMP) native
 
-demo: $(STAMP)
+# The policy engine's request views compiled with mypyc (optional: a note, and the Python views, when
+# there is no C compiler).
+native: $(STAMP)
+	@$(PY) scripts/build_native.py
+
+demo: $(STAMP) native
 	@$(VENV)/bin/coffer quickstart
 
 demo-evidence: $(STAMP)
@@ -29,13 +34,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) native
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q
 
 test: lint typecheck unit
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(PY) bench/evidence.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -f src/coffer/policy/_views_native* src/coffer/policy/._views_native*

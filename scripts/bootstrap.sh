@@ -1,6 +1,7 @@
 #!/bin/sh
 # Create the virtual environment and install Coffer with its development tools, and the Debian
-# packages the test suite and the demo use (PostgreSQL, swtpm, tpm2-tools, skopeo, umoci, docker-registry, runc, busybox-static). As root, missing Debian
+# packages the test suite and the demo use (PostgreSQL, swtpm, tpm2-tools, skopeo, umoci, docker-registry, runc, busybox-static; gcc and
+# Python's headers for the optional compiled policy views). As root, missing Debian
 # packages are installed; otherwise the exact command to run is printed and the script stops.
 set -eu
 PYTHON=${PYTHON:-python3}
@@ -32,6 +33,10 @@ need umoci umoci
 need docker-registry docker-registry
 need runc runc
 need /bin/busybox busybox-static
+# A C compiler and Python's headers, for the optional compiled policy views (scripts/build_native.py).
+need gcc gcc
+"$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || need dpkg:python3-dev python3-dev
 
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

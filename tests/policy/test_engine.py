@@ -955,7 +955,7 @@ def _fast_rules() -> Any:
 
 _LOADED = _fast_rules()
 _STATE = {"containers": {"c-nginx": 0, "c-redis": 1, "c-tools": 2}}
-_DEFAULT_MOUNTS = policy_data(POLICY)["common"]["default_mounts"]
+_CONTEXT = engine_mod._view_context(policy_data(POLICY), _LOADED)
 
 
 def _full(request: str, req: dict[str, Any], state: dict[str, Any]) -> Any:
@@ -967,12 +967,11 @@ def _check_fast(request: str, req: Any, state: dict[str, Any]) -> bool:
     """Whether the fast path allows ``req``; asserts it agrees with the interpreter and, when it
     allows, that the request rule allows with the same ops and container."""
     view_of = engine_mod._VIEWS[request]
-    view = view_of(req, state["containers"], _DEFAULT_MOUNTS) if isinstance(req, dict) else None
-    if view is None:
-        return False
     try:
-        text = engine_mod._ENCODE_VIEW(view)
+        text = view_of(req, state["containers"], _CONTEXT) if isinstance(req, dict) else None
     except (TypeError, ValueError, RecursionError):
+        return False
+    if text is None:
         return False
     rule = engine_mod._FAST[request]
     fast = _LOADED.evaluate_fast(rule, text)
@@ -985,7 +984,9 @@ def _check_fast(request: str, req: Any, state: dict[str, Any]) -> bool:
         return False
     full = _full(request, req, state)
     assert full["allowed"] is True, (req, full)
-    assert (fast["ops"], fast["container"], fast["reasons"]) == (full["ops"], full["container"], []), req
+    container, triples = fast
+    ops = [dict(zip(("op", "path", "value"), triple, strict=False)) for triple in triples]
+    assert (ops, container) == (full["ops"], full["container"]), req
     return True
 
 
@@ -993,7 +994,7 @@ def _cc_state() -> dict[str, Any]:
     return {"containers": {"c-redis": 1}}
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.request in (CC, EP)], ids=lambda r: r.id)
+@pytest.mark.parametrize("row", [r for r in ROWS if r.request in engine_mod._FAST], ids=lambda r: r.id)
 def test_fast_path_never_allows_what_the_request_rule_denies(row: Row) -> None:
     state = _cc_state() if row.request == CC else _STATE
     allowed = _check_fast(row.request, row.input, state)
@@ -1014,6 +1015,9 @@ def test_common_requests_are_decided_by_the_fast_path(monkeypatch: pytest.Monkey
         assert decision.container == name
     assert engine.state["containers"]["c-2-redis"] == 1
     assert engine.decide(EP, exec_in("nginx", ["nginx", "-s", "reload"])).allowed
+    removed = engine.decide("RemoveContainerRequest", {"container_id": "c-2-nginx"})
+    assert (removed.allowed, removed.container) == (True, "nginx")
+    assert "c-2-nginx" not in engine.state["containers"]
     # A request in another order (capabilities, options, groups) is the same request.
     req = create("redis", "c-3")
     proc(req)["Capabilities"]["Bounding"].reverse()
@@ -1279,9 +1283,10 @@ def test_env_pattern_variables_take_the_fast_path_only_when_admitted() -> None:
     ]:
         req = rq.container_request(container_id="c1", name="web", image=NGINX_IMAGE, spec=spec)
         proc(req)["Env"] = env
-        view = engine_mod._create_view(req, {}, _DEFAULT_MOUNTS)
+        context = engine_mod._view_context(policy_data(policy), rules)
+        view = engine_mod._VIEWS["CreateContainerRequest"](req, {}, context)
         assert view is not None
-        fast = rules.evaluate_fast("fast_CreateContainerRequest", engine_mod._ENCODE_VIEW(view))
+        fast = rules.evaluate_fast("fast_CreateContainerRequest", view)
         assert (fast != "<undefined>") is allowed, env
         full = rules.evaluate("CreateContainerRequest", json.dumps({**req, "pstate": {"containers": {}}}))
         assert full["allowed"] is allowed, env

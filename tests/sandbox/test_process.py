@@ -209,3 +209,17 @@ def test_malformed_initdata_is_refused_before_anything_starts(backend: ProcessBa
     with pytest.raises(Exception, match="initdata"):
         backend.create(SandboxSpec(name="x", initdata=b"version = 'nope'\n", tee="sample"))
     assert backend.store.records() == []
+
+
+def test_sandbox_processes_keep_bytecode_outside_the_sources(tmp_path: Path) -> None:
+    # Where the environment forbids bytecode next to the sources, the agent and forwarders use a
+    # cache under $COFFER_CACHE instead of recompiling coffer at every sandbox start.
+    env = {"PATH": "/usr/bin", "PYTHONDONTWRITEBYTECODE": "1", "COFFER_CACHE": str(tmp_path / "cache")}
+    child = ProcessBackend(StateStore(tmp_path / "s"), env=env)._child_env()
+    assert "PYTHONDONTWRITEBYTECODE" not in child
+    assert child["PYTHONPYCACHEPREFIX"] == str(tmp_path / "cache" / "pycache")
+    # A prefix the user chose, or bytecode allowed, is left as it is.
+    chosen = ProcessBackend(StateStore(tmp_path / "s"), env={**env, "PYTHONPYCACHEPREFIX": "/x"})._child_env()
+    assert (chosen["PYTHONDONTWRITEBYTECODE"], chosen["PYTHONPYCACHEPREFIX"]) == ("1", "/x")
+    allowed = ProcessBackend(StateStore(tmp_path / "s"), env={"PATH": "/usr/bin"})._child_env()
+    assert "PYTHONPYCACHEPREFIX" not in allowed

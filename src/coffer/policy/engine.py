@@ -14,19 +14,22 @@ by the JSON-patch ops of allowed decisions only. The engine fails closed: an unk
 malformed input, a Rego error or a result of the wrong shape is a denial (``policy evaluation
 failed``) and never an allowance.
 
-Evaluation: the request rules run in the regorus interpreter. For CreateContainer and ExecProcess,
-when the policy's rules are this module's :data:`RULES`, the engine first evaluates the rules' fast
-paths (``fast_CreateContainerRequest``, ``fast_ExecProcessRequest``) compiled to a regorus RVM program
-(``regorus.Program`` run by ``regorus.Rvm``), on a *view* of the request: the fields the rules read,
-selected in Python, lists the rules treat as sets sorted and string lists written as one text -- no
-decision is taken in Python, the view only makes loading and checking cheap. A fast path only
-allows, with checks at least as strict as the request rule's, against per-container constants the
-interpreter computes once from the rules (``fast_fixed``); whenever it does not allow, the request
-rule decides on the whole request (with every reason for a denial). The request rules themselves do
-not run in the RVM: in regorus 0.13 it ignores a failing nested ``every`` (it would allow a request
-the interpreter denies), settles conflicting object keys silently, and does not try an ``else``
-after a failed ``some ... in``; the fast rules avoid those constructs and the tests check them against
-the interpreter.
+Evaluation: the request rules run in the regorus interpreter. For CreateContainer, ExecProcess and
+RemoveContainer, when the policy's rules are this module's :data:`RULES`, the engine first evaluates
+the rules' fast paths (``fast_CreateContainerRequest``, ``fast_ExecProcessRequest``,
+``fast_RemoveContainerRequest``) compiled to a regorus RVM program (``regorus.Program`` run by
+``regorus.Rvm``), on a *view* of the request (:mod:`coffer.policy._views`): the fields the rules read,
+selected in Python, most of them written as one text (compact JSON, see RULES "fast paths") that the
+fast rule compares whole with a per-container text, sets sorted -- no decision is taken in Python,
+the view only makes loading and checking cheap. A fast path only allows, with checks at least as
+strict as the request rule's, against per-container constants the interpreter computes once from the
+rules (``fast_constants``; this module only writes them as text); whenever it does not allow, the
+request rule decides on the whole request (with every reason for a denial). The request rules
+themselves do not run in the RVM: in regorus 0.13 it ignores a failing nested ``every`` (it would
+allow a request the interpreter denies), settles conflicting object keys silently, does not try an
+``else`` after a failed ``some ... in``, and leaves a variable bound by ``every`` unbound where it is
+a reference's key; the fast rules avoid those constructs and the tests check them against the
+interpreter.
 
 Threads: a regorus engine is bound to the thread that created it (see :mod:`coffer._internal.rego`),
 and crossing threads per decision would cost more than the decision. So a :class:`PolicyEngine` is
@@ -39,20 +42,25 @@ when the owner thread ends).
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import itertools
 import json
 import logging
+import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from types import ModuleType
+from typing import Any, Final, cast
 
 import regorus  # type: ignore[import-untyped]
 
 from coffer._internal.encoding import reject_constant, reject_duplicate_keys
 from coffer.errors import FormatError, UsageError
+from coffer.policy import _views as _pure_views
 from coffer.policy.model import (
     ALWAYS_ALLOWED,
     RULED,
@@ -63,6 +71,30 @@ from coffer.policy.model import (
 )
 
 RULES: Final[str] = resources.files("coffer.policy").joinpath("rules.rego").read_text("utf-8")
+
+
+def _load_views() -> ModuleType:
+    """The request views: the mypyc-compiled copy of :mod:`coffer.policy._views` that
+    ``scripts/build_native.py`` makes (``_views_native``, about a third faster), when it was compiled
+    from this very source (its SOURCE_SHA256), else the Python module. COFFER_NATIVE=0 forces Python."""
+    if os.environ.get("COFFER_NATIVE") == "0":
+        return _pure_views
+    try:
+        native = importlib.import_module("coffer.policy._views_native")
+    except ImportError:
+        return _pure_views
+    source = resources.files("coffer.policy").joinpath("_views.py").read_bytes()
+    if getattr(native, "SOURCE_SHA256", None) != hashlib.sha256(source).hexdigest():
+        logging.getLogger("coffer.policy.engine").warning(
+            "ignoring coffer.policy._views_native: it was built from another _views.py (rebuild it with "
+            "scripts/build_native.py)")
+        return _pure_views
+    return native
+
+
+_views: Final = _load_views()
+#: The request views by request (the tests reach them here).
+_VIEWS: Final = _views.VIEWS
 
 PACKAGE: Final = "data.agent_policy"
 DATA_MARKER: Final = "policy_data := "
@@ -93,27 +125,15 @@ _CHARSET_TOKEN_RE = re.compile(r"[A-Za-z0-9]-[A-Za-z0-9]|[A-Za-z0-9_.:,/@-]")
 _RANGE_GROUPS: Final = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 #: Requests with a fast path in RULES: request -> rule.
 _FAST: Final = {"CreateContainerRequest": "fast_CreateContainerRequest",
-                "ExecProcessRequest": "fast_ExecProcessRequest"}
-_CAP_SETS: Final = ("Bounding", "Effective", "Permitted", "Inheritable", "Ambient")
-_USER_KEYS: Final = ("UID", "GID", "AdditionalGids")
+                "ExecProcessRequest": "fast_ExecProcessRequest",
+                "RemoveContainerRequest": "fast_RemoveContainerRequest"}
+_ENTRY_POINTS: Final = {rule: f"{PACKAGE}.{rule}" for rule in _FAST.values()}
+# The C scanner of a JSONDecoder: one JSON value from an index (the RVM's output starts with it).
+_SCAN: Final = cast(Callable[[str, int], tuple[Any, int]], vars(json.JSONDecoder())["scan_once"])
+#: The CreateContainer view's fixed list: its length, and where MountData is.
+_FIXED_FIELDS: Final = 10
+_MOUNT_DATA: Final = 6
 _ENCODE = json.JSONEncoder(allow_nan=False).encode
-
-
-def _view_encoder() -> Any:
-    """A compact JSON encoder for views, made once: json's C encoder without the circular-reference
-    check (a cycle ends in RecursionError instead), or JSONEncoder.encode where there is none."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
-    encoder = make(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
-
-    def encode(value: Any) -> str:
-        return "".join(encoder(value, 0))
-
-    return encode
-
-
-_ENCODE_VIEW = _view_encoder()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,9 +392,12 @@ def _redacted(value: Any) -> Any:
 
 
 def _pointer(path: Any) -> list[str]:
-    if not isinstance(path, str) or not path.startswith("/"):
+    if type(path) is not str or not path.startswith("/"):
         raise ValueError(f"bad JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+    parts = path[1:].split("/")
+    if "~" in path:
+        return [p.replace("~1", "/").replace("~0", "~") for p in parts]
+    return parts
 
 
 def _json_copy(value: Any) -> Any:
@@ -396,7 +419,7 @@ def _apply_ops(state: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
     changed in place, so sharing them is safe and an op costs its path, not the whole state."""
     new = dict(state)
     for op in ops:
-        if not isinstance(op, dict) or op.get("op") not in ("add", "replace", "remove"):
+        if type(op) is not dict or op.get("op") not in ("add", "replace", "remove"):
             raise ValueError(f"unsupported op {op!r}")
         parts = _pointer(op.get("path"))
         parent: dict[str, Any] = new
@@ -419,157 +442,106 @@ def _apply_ops(state: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
     return new
 
 
+def _view_context(data: Mapping[str, Any], loaded: _Rules) -> _pure_views.ViewContext:
+    common = data.get("common")
+    default_mounts = common.get("default_mounts") if isinstance(common, dict) else None
+    if not isinstance(default_mounts, dict):
+        default_mounts = {}
+    pairs = frozenset(f"{dest} {mtype}" for dest, mtype in default_mounts.items()
+                      if type(dest) is str and type(mtype) is str)
+    context: _pure_views.ViewContext = _views.ViewContext(pairs, loaded.env_fixed)
+    return context
+
+
 # --------------------------------------------------------------------------------------------------
-# Request views for the fast paths (see RULES, "fast paths"). Selection only: a field the request
-# lacks is left out, a value of an unexpected type is passed on unchanged (the fast path then does
-# not allow), and lists are sorted only where the rules compare them as sets or after sorting.
+# The fast paths' constants
 
 
-def _pick(src: dict[str, Any], keys: tuple[str, ...], dst: dict[str, Any]) -> None:
-    for key in keys:
-        if key in src:
-            dst[key] = src[key]
+@dataclass(frozen=True)
+class _IdSlot:
+    """Where a shared volume's source holds the container id, in a constant's text."""
+
+    prefix: str
+    suffix: str
 
 
-def _state_entry(containers: dict[str, Any], container_id: Any) -> dict[str, Any]:
-    if type(container_id) is str and container_id in containers:
-        return {container_id: containers[container_id]}
-    return {}
+def _texts_around_ids(value: Any) -> list[str]:
+    """The text (see :func:`_text`) of ``value``, with object keys sorted, cut at each
+    :class:`_IdSlot`: joined with a container id of characters that JSON writes as themselves, the
+    texts are the text of ``value`` with each slot replaced by the string prefix + id + suffix."""
+    parts: list[list[str]] = [[]]
+
+    def walk(item: Any) -> None:
+        if isinstance(item, _IdSlot):
+            parts[-1].append(_views.ESCAPE(item.prefix)[:-1])
+            parts.append([_views.ESCAPE(item.suffix)[1:]])
+        elif type(item) is dict:
+            parts[-1].append("{")
+            for n, key in enumerate(sorted(item)):
+                if type(key) is not str:
+                    raise ValueError(f"object key {key!r} is not a string")
+                parts[-1].append(("," if n else "") + _views.ESCAPE(key) + ":")
+                walk(item[key])
+            parts[-1].append("}")
+        elif type(item) is list:
+            parts[-1].append("[")
+            for n, element in enumerate(item):
+                if n:
+                    parts[-1].append(",")
+                walk(element)
+            parts[-1].append("]")
+        else:
+            parts[-1].append(_views.ENCODE_ASCII(item))
+
+    walk(value)
+    return ["".join(part).replace('"', "\x7f") for part in parts]
 
 
-def _sorted(items: Any) -> Any:
-    """A list sorted (a permutation: only where the rules ignore order), anything else unchanged."""
-    if isinstance(items, list):
-        try:
-            return sorted(items)
-        except TypeError:
-            return items
-    return items
+def _create_constants(entry: Any) -> dict[str, Any]:
+    """A ``fast_constants`` create entry with its ``fixed`` value as texts around container ids (a
+    MountData source given as {"prefix", "suffix"} is a slot). ValueError when it has another shape."""
+    fixed = entry.get("fixed") if type(entry) is dict else None
+    if type(fixed) is not list or len(fixed) != _FIXED_FIELDS or type(fixed[_MOUNT_DATA]) is not dict:
+        raise ValueError("a create entry has no fixed MountData")
+    slotted = {}
+    for pair, mount in fixed[_MOUNT_DATA].items():
+        source = mount[0] if type(mount) is list and len(mount) == 2 else None
+        if type(source) is dict:
+            prefix, suffix = source.get("prefix"), source.get("suffix")
+            if set(source) != {"prefix", "suffix"} or type(prefix) is not str or type(suffix) is not str:
+                raise ValueError(f"mount {pair!r} has a source of an unknown shape")
+            slotted[pair] = [_IdSlot(prefix, suffix), mount[1]]
+        else:
+            slotted[pair] = mount
+    env_fixed = entry.get("env_fixed")
+    if type(env_fixed) is not dict:
+        raise ValueError("a create entry has no env_fixed")
+    # The fixed variables' values end the text, in the order of their names (see _create_view).
+    values = [env_fixed[name] for name in sorted(env_fixed)]
+    fixed = [*fixed[:_MOUNT_DATA], slotted, *fixed[_MOUNT_DATA + 1:], values]
+    return {**entry, "fixed": _texts_around_ids(fixed)}
 
 
-def _user_view(user: Any) -> Any:
-    if not isinstance(user, dict):
-        return user
-    out = {key: user[key] for key in _USER_KEYS if key in user}
-    gids = out.get("AdditionalGids")
-    # The rules compare AdditionalGids as a set. Only exact integers are deduplicated: Python's
-    # 1 == 1.0 == True would merge values that differ in Rego.
-    if isinstance(gids, list) and gids and all(type(g) is int for g in gids):
-        out["AdditionalGids"] = sorted(set(gids))
-    return out
-
-
-def _lines(strings: list[str]) -> list[Any] | None:
-    """[count, the strings joined by newlines] when no string holds a newline (so the text has one
-    fewer newline than there are strings: the lines name the list), else None."""
-    text = "\n".join(strings)
-    if text.count("\n") != max(len(strings) - 1, 0):
+def _exec_constants(entry: Any) -> Any:
+    """A ``fast_constants`` exec entry with its commands as {text: true} (null stays)."""
+    if entry is None:
         return None
-    return [len(strings), text]
+    commands = entry.get("commands") if type(entry) is dict else None
+    if type(commands) is not list:
+        raise ValueError("an exec entry has no commands")
+    return {**entry, "commands": {"".join(_texts_around_ids(command)): True for command in commands}}
 
 
-def _sorted_lines(strings: Any) -> Any:
-    """The lines of a sorted string list; anything else unchanged (then no fast path allows it)."""
-    if not isinstance(strings, list):
-        return strings
-    try:
-        lines = _lines(sorted(strings))
-    except TypeError:  # not all strings
-        return strings
-    return strings if lines is None else lines
-
-
-def _caps_view(caps: Any) -> Any:
-    """The five capability sets, each as the lines of the sorted set."""
-    if not isinstance(caps, dict):
-        return caps
-    out: dict[str, Any] = {}
-    done: tuple[Any, Any] = (None, None)  # the last set written as lines, and its lines
-    for key in _CAP_SETS:
-        if key in caps:
-            names = caps[key]
-            # Sets are mostly equal: a list equal to one of strings holds the same strings.
-            if done[0] is not None and type(names) is list and names == done[0]:
-                out[key] = done[1]
-                continue
-            lines = _sorted_lines(names)
-            out[key] = lines
-            if lines is not names:
-                done = (names, lines)
-    return out
-
-
-def _create_view(doc: dict[str, Any], containers: dict[str, Any],
-                 default_mounts: dict[str, Any]) -> dict[str, Any] | None:
-    """The CreateContainer view, or None when the request does not have the shape of one."""
-    oci = doc.get("OCI")
-    if not isinstance(oci, dict):
-        return None
-    proc, root, linux, mounts = oci.get("Process"), oci.get("Root"), oci.get("Linux"), oci.get("Mounts")
-    if not (isinstance(proc, dict) and isinstance(root, dict) and isinstance(linux, dict)
-            and isinstance(mounts, list)):
-        return None
-    pairs: list[str] = []
-    seen: set[str] = set()
-    mount_data: dict[str, list[Any]] = {}
-    for mount in mounts:
-        if not isinstance(mount, dict):
-            return None
-        dest, mtype = mount.get("destination"), mount.get("type")
-        if type(dest) is not str or type(mtype) is not str or dest in seen:
-            return None
-        seen.add(dest)
-        pairs.append(f"{dest}\t{mtype}")
-        if default_mounts.get(dest) != mtype:
-            mount_data[dest] = [mtype, mount.get("source"), _sorted(mount.get("options"))]
-    pairs.sort()
-    mount_types = _lines(pairs)
-    if mount_types is None or mount_types[1].count("\t") != len(pairs):
-        return None
-    fixed: dict[str, Any] = {"MountTypes": mount_types}
-    _pick(proc, ("Args", "Cwd"), fixed)
-    if "User" in proc:
-        fixed["User"] = _user_view(proc["User"])
-    if "Capabilities" in proc:
-        fixed["Capabilities"] = _caps_view(proc["Capabilities"])
-    if "Hooks" in oci:
-        fixed["Hooks"] = oci["Hooks"]
-    if "Devices" in linux:
-        fixed["Devices"] = linux["Devices"]
-    if "image" in doc:
-        fixed["image"] = doc["image"]
-    view: dict[str, Any] = {"pstate": {"containers": _state_entry(containers, doc.get("container_id"))},
-                            "fixed": fixed, "MountData": mount_data}
-    _pick(doc, ("container_id", "name"), view)
-    _pick(proc, ("Env", "NoNewPrivileges"), view)
-    env = proc.get("Env")
-    if isinstance(env, list):
-        # The names present, for the rule that requires the policy's exact-only variables.
-        view["EnvNames"] = sorted({e.partition("=")[0] for e in env if type(e) is str and "=" in e})
-    if "Readonly" in root:
-        view["Readonly"] = root["Readonly"]
-    if "MaskedPaths" in linux:
-        masked = linux["MaskedPaths"]
-        view["MaskedPaths"] = masked[:1] if isinstance(masked, list) else masked
-    return view
-
-
-def _exec_view(doc: dict[str, Any], containers: dict[str, Any],
-               default_mounts: dict[str, Any]) -> dict[str, Any] | None:
-    """The ExecProcess view, or None when the request does not have the shape of one."""
-    del default_mounts
-    proc = doc.get("process")
-    if not isinstance(proc, dict):
-        return None
-    view: dict[str, Any] = {"pstate": {"containers": _state_entry(containers, doc.get("container_id"))}}
-    _pick(doc, ("container_id",), view)
-    _pick(proc, ("Args", "Env", "Capabilities", "Cwd", "NoNewPrivileges"), view)
-    if "User" in proc:
-        view["User"] = _user_view(proc["User"])
-    return view
-
-
-_VIEWS: Final = {"CreateContainerRequest": _create_view, "ExecProcessRequest": _exec_view}
+def _fast_constants(value: Any) -> dict[str, Any]:
+    """data.coffer_engine: ``fast_constants`` (as the interpreter computed it) with the values the fast
+    paths compare as text written so. ValueError when it does not have the rules' shape."""
+    create = value.get("create") if type(value) is dict else None
+    exec_ = value.get("exec") if type(value) is dict else None
+    names = value.get("names") if type(value) is dict else None
+    if type(create) is not dict or type(exec_) is not list or type(names) is not list:
+        raise ValueError(f"fast_constants is {type(value).__name__} of an unknown shape")
+    return {"create": {name: _create_constants(entry) for name, entry in create.items()},
+            "exec": [_exec_constants(entry) for entry in exec_], "names": names}
 
 
 # Each thread's regorus engines by key (dropped on that thread when it ends), and keys whose
@@ -597,10 +569,12 @@ class _Rules:
     """One policy's rules loaded on one thread: the interpreter, and for RULES also the compiled RVM
     program of the fast paths."""
 
-    __slots__ = ("_interpreter", "_vm")
+    __slots__ = ("_interpreter", "_vm", "env_fixed")
 
-    def __init__(self, interpreter: Any, vm: Any = None) -> None:
+    def __init__(self, interpreter: Any, vm: Any = None,
+                 env_fixed: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._interpreter, self._vm = interpreter, vm
+        self.env_fixed: Mapping[str, tuple[str, ...]] = env_fixed or {}
 
     def evaluate(self, rule: str, input_json: str) -> Any:
         """The value of ``rule`` for ``input_json`` (None when undefined); regorus' exceptions pass
@@ -610,9 +584,14 @@ class _Rules:
 
     def evaluate_fast(self, rule: str, input_json: str) -> Any:
         """The value of the fast-path ``rule`` for a view (the RVM answers ``"<undefined>"`` when it is
-        undefined); regorus' exceptions pass through."""
+        undefined); regorus' exceptions pass through, ValueError for a value that is not JSON."""
         self._vm.set_input_json(input_json)
-        return json.loads(self._vm.execute_entry_point(f"{PACKAGE}.{rule}"))
+        output = self._vm.execute_entry_point(_ENTRY_POINTS[rule])
+        try:
+            # The RVM's output is one JSON value from index 0: the scanner alone reads it.
+            return _SCAN(output, 0)[0]
+        except StopIteration:
+            raise ValueError("the RVM's output is not JSON") from None
 
 
 def _load_rules(rules: str, data: dict[str, Any]) -> tuple[_Rules, bool]:
@@ -634,22 +613,21 @@ def _load_rules(rules: str, data: dict[str, Any]) -> tuple[_Rules, bool]:
     # as data; a policy they cannot be computed or compiled for is decided without fast paths.
     try:
         interpreter.set_input_json("{}")
-        fixed = interpreter.eval_rule(f"{PACKAGE}.fast_fixed")
-        if not (isinstance(fixed, list) and all(isinstance(value, dict) for value in fixed)):
-            raise ValueError(f"fast_fixed is {type(fixed).__name__}")
-        fast_json = json.dumps({"agent_policy": {"policy_data": data}, "coffer_engine": {"fixed": fixed}},
-                               allow_nan=False)
+        constants = _fast_constants(interpreter.eval_rule(f"{PACKAGE}.fast_constants"))
+        # The fast rules read only these constants (and their input).
+        fast_json = json.dumps({"coffer_engine": constants}, allow_nan=False)
         program = regorus.Program.compile_from_modules(
             fast_json, [("policy.rego", rules)], [f"{PACKAGE}.{rule}" for rule in _FAST.values()])
         vm = regorus.Rvm()
         vm.load_program(program)
         vm.set_data_json(fast_json)
         # The interpreter gets the constants too, so that the fast paths can be checked against it.
-        interpreter.add_data_json(json.dumps({"coffer_engine": {"fixed": fixed}}))
+        interpreter.add_data_json(json.dumps({"coffer_engine": constants}, allow_nan=False))
     except Exception as exc:  # any failure: the interpreter decides everything instead
         _ERRORS.warning("no fast paths for this policy: %s", _first_line(exc))
         return _Rules(interpreter), False
-    return _Rules(interpreter, vm), True
+    env_fixed = {name: tuple(sorted(entry["env_fixed"])) for name, entry in constants["create"].items()}
+    return _Rules(interpreter, vm, env_fixed), True
 
 
 def _evaluate(loaded: _Rules, rule: str, input_json: str, *, fast: bool = False) -> tuple[Any, str | None]:
@@ -688,9 +666,9 @@ class PolicyEngine:
         self._state: dict[str, Any] = {"containers": {}}
         self._state_json: str | None = None
         loaded, self._fast = _load_rules(rules, data)
-        common = data.get("common")
-        mounts = common.get("default_mounts") if isinstance(common, dict) else None
-        self._default_mounts: dict[str, Any] = mounts if isinstance(mounts, dict) else {}
+        self._view_context = _view_context(data, loaded)
+        # The fast paths' allowances, made once each (a Decision is immutable).
+        self._allowed: dict[tuple[str, str], Decision] = {}
         self._purge_orphans()
         _engines_here()[self._key] = loaded
 
@@ -738,7 +716,7 @@ class PolicyEngine:
             return Decision(request, False, (f"{request}: unknown request (the policy has no rule for it)",),
                             None)
         untrusted: object = input_doc  # callers pass whatever the host sent
-        if not isinstance(untrusted, Mapping):
+        if type(untrusted) is not dict and not isinstance(untrusted, Mapping):
             return Decision(request, False, (f"{request}: the request input is not an object",), None)
         if "pstate" in input_doc:
             return Decision(request, False,
@@ -765,18 +743,31 @@ class PolicyEngine:
     def _fast_decision(self, loaded: _Rules, request: str, input_doc: dict[str, Any]) -> Decision | None:
         """The fast path's allowance, or None when it does not allow (the request rule decides)."""
         containers = self._state.get("containers")
-        view = _VIEWS[request](input_doc, containers if isinstance(containers, dict) else {},
-                               self._default_mounts)
-        if view is None:
-            return None
         try:
-            text = _ENCODE_VIEW(view)
+            text = _views.VIEWS[request](input_doc, containers if isinstance(containers, dict) else {},
+                                   self._view_context)
         except (TypeError, ValueError, RecursionError):
             return None
-        result, error = _evaluate(loaded, _FAST[request], text, fast=True)
-        if error is not None or type(result) is not dict or result.get("allowed") is not True:
+        if text is None:
             return None
-        return self._conclude(request, result)
+        result, error = _evaluate(loaded, _FAST[request], text, fast=True)
+        # A fast rule's value, when it allows: [container, ops as [op, path, value] or [op, path]].
+        if error is not None or type(result) is not list or len(result) != 2:
+            return None
+        container, triples = result
+        if type(container) is not str or type(triples) is not list:
+            return None
+        if triples:
+            try:
+                ops = [dict(zip(("op", "path", "value"), triple, strict=False)) for triple in triples]
+                self._state = _apply_ops(self._state, ops)
+            except (TypeError, ValueError) as exc:
+                return self._failed(request, f"state ops: {_first_line(exc)}")
+            self._state_json = None
+        allowed = self._allowed.get((request, container))
+        if allowed is None:
+            allowed = self._allowed[(request, container)] = Decision(request, True, (), container)
+        return allowed
 
     def _conclude(self, request: str, result: Any) -> Decision:
         """The decision a rule's result states; on allowance its state ops applied."""

@@ -654,117 +654,257 @@ TtyWinResizeRequest := allow_plain
 WaitProcessRequest := allow_plain
 
 # --- fast paths over the engine's request views ----------------------------------------------------
-# Coffer's engine first evaluates fast_CreateContainerRequest / fast_ExecProcessRequest with `input`
-# set to a *view* of the request: the fields the rules above read, selected in Python (lists the
-# rules treat as sets sorted, string lists written as one text) so that loading and checking them is
-# cheap. A fast rule only ever allows, and only with comparisons at least as strict as every check
-# of its request rule; anything else (undefined, an error) makes the engine evaluate the request rule
-# on the whole request, which explains a denial.
+# Coffer's engine first evaluates fast_CreateContainerRequest, fast_ExecProcessRequest and
+# fast_RemoveContainerRequest with `input`
+# set to a *view* of the request: the fields the rules above read, selected and reformatted in Python
+# (nothing decided there) so that loading and checking them is cheap. A fast rule only ever allows,
+# with [container name, state ops as [op, path, value] (a remove: [op, path])], and only with comparisons at least
+# as strict as every check of its request rule; anything else (undefined, an error) makes the engine
+# evaluate the request rule on the whole request, which explains a denial.
 #
-# A string list L is written as its *lines*: [count(L), concat("\n", L)], made only when no string
-# holds a newline (the text then has count(L) - 1 of them), so equal lines are equal lists.
+# Most of a request is compared as one *text*: the compact ASCII JSON of the selected fields (object
+# keys in sorted order; non-ASCII and control characters escaped), with each '"' written as DEL
+# (U+007F) -- a character ASCII JSON never holds, so the text is still one-to-one, and without
+# backslashes it loads into the engine as a string without escapes. Equal texts are equal values.
+# The expected texts are the same encoding of per-container constants that fast_constants computes
+# once, when the engine loads the policy; the engine gives them back as data.coffer_engine.
 #
-# CreateContainer view: container_id and name; pstate {"containers": {container_id: index}} (this
-# id's entry only); Env, NoNewPrivileges (OCI.Process), Readonly (OCI.Root), MaskedPaths (OCI.Linux,
-# cut to its first entry: only its being a non-empty list is read); MountData {destination: [type,
-# source, sorted options]} for the mounts whose type is not the standard one at their destination;
-# and `fixed`: {"Args", "Cwd" (OCI.Process), "User" (only UID, GID, AdditionalGids: sorted, without
-# duplicates, when all integers), "Capabilities" (only the five sets, each as the lines of the sorted
-# set), "Hooks" (OCI), "Devices" (OCI.Linux), "MountTypes" (the lines of the sorted
-# "destination<TAB>type" of OCI.Mounts, made only when each holds one tab and no destination
-# repeats), "image"}. The fast path compares `fixed` with the container's fast_fixed value.
+# The *lines* of a string list L are [count(L), concat(",", sorted L)], made only when no string
+# holds a comma (the text then has count(L) - 1 of them), so equal lines are equal sorted lists.
 #
-# ExecProcess view: container_id; pstate as above; Args, Env, Capabilities, Cwd, NoNewPrivileges and
-# User (as above) from process.
+# CreateContainer view: name; container_id; flags [OCI.Process.NoNewPrivileges, OCI.Root.Readonly];
+# MaskedPaths (OCI.Linux's, cut to its first entry when a list: only its being a non-empty list is
+# read); Env, the [NAME, VALUE] pairs of OCI.Process.Env whose NAME the container's policy does not
+# fix to one value (made only when every entry is a string NAME=VALUE with a non-empty NAME, none
+# repeated; NAME ends at the first "="); and `fixed`, the text of the list [Args, Capabilities, Cwd
+# (OCI.Process), Devices (OCI.Linux), Hooks (OCI), MountTypes, MountData, User (OCI.Process), image,
+# pstate, fixed env], where fixed env is the values of the variables the container's policy fixes to
+# one value (its fast_create env_fixed), in the order of their names, each null when absent; and where Capabilities is [Ambient, Bounding, Effective,
+# Inheritable, Permitted], each set as its lines or "Bounding" when those are Bounding's (made only
+# when each set is a list of strings without commas); MountTypes the lines of each mount's
+# "destination type", and MountData {"destination type": [source, options sorted]} for each mount
+# not of the standard type at its destination (made only when every mount is an object with a
+# string destination and type, none holding a space or comma); User [AdditionalGids (sorted, without
+# duplicates, when all integers), GID, UID]; pstate the state's entry for container_id ({} when it
+# has none). A field the request lacks is null, as the request rule reads it.
+#
+# The expected `fixed` holds a shared volume's source, SHARED_DIR/<container id>-KIND-NAME, so it is
+# given as the texts around each place the container id goes: the fast rule joins them with the
+# request's container id, which it first requires to be made only of letters, digits, "-", "_" and
+# "." (characters the text writes as themselves; no "/" or "~", so the id is its own JSON pointer).
+#
+# RemoveContainer view: container_id, and state (the state's entry for it; the view is made only when
+# there is one). The fast rule allows what the request rule allows for a known container id: its
+# removal from the state.
+#
+# ExecProcess view: state (the state's entry for container_id; the view is made only when there is
+# one); Env {NAME: VALUE} (from process; made as the CreateContainer pairs, all variables); `fixed`, the text of [Args, Capabilities, Cwd, User (as above)]
+# from process (null when absent, as the request rule reads them), then NoNewPrivileges when present
+# (absent, it is the container's). The expected texts are one per allowed command and
+# NoNewPrivileges an exec may give.
+#
+# The fast rules avoid what the regorus 0.13 RVM gets wrong: a failing nested `every` is ignored; an
+# `else` after a failed `some ... in` is not tried; conflicting object keys are settled silently; and
+# a variable bound by `every` (the key of `every k, v`, or the value of `every x in object.keys(o)`)
+# is not bound where it is a reference's key (`data.m[k]` then holds for any key).
 
-fast_CreateContainerRequest := {"allowed": true, "ops": ops, "reasons": [], "container": c.name} if {
-	i := pd.container_index[input.name]
-	c := pd.containers[i]
-	is_string(input.container_id)
-	input.container_id != ""
-	not input.pstate.containers[input.container_id]
-	input.fixed == data.coffer_engine.fixed[i]
-	is_array(input.MaskedPaths)
-	count(input.MaskedPaths) > 0
-	[c.no_new_privileges, input.NoNewPrivileges] in fast_flag_ok
-	[c.read_only_root, input.Readonly] in fast_flag_ok
-	fast_env_ok(input.Env, c.env)
-	count({n | some n in c.env.required} - {n | some n in input.EnvNames}) == 0
-	count({pm.destination | some pm in c.mounts; not pd.common.default_mounts[pm.destination] == pm.type}) == count(input.MountData)
-	input.MountData == {pm.destination: [pm.type, fast_source(pm), pm.options] |
-		some pm in c.mounts
-		not pd.common.default_mounts[pm.destination] == pm.type
+fast_CreateContainerRequest := [f.name, [["add", concat("", ["/containers/", id]), f.index]]] if {
+	f := data.coffer_engine.create[input.name]
+	id := input.container_id
+	is_string(id)
+	id != ""
+	trim(id, "-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz") == ""
+	input.fixed == concat(id, f.fixed)
+	input.flags in f.flags
+	masked := input.MaskedPaths
+	is_array(masked)
+	count(masked) > 0
+	every nv in input.Env {
+		fast_value_ok(f.env_values[nv[0]], nv[1])
 	}
-	ops := [{"op": "add", "path": concat("/", ["", "containers", ptr(input.container_id)]), "value": i}]
 }
 
-fast_ExecProcessRequest := {"allowed": true, "ops": [], "reasons": [], "container": c.name} if {
-	c := pd.containers[input.pstate.containers[input.container_id]]
-	input.Args in c.allow.exec
-	input.User == {"UID": c.user.uid, "GID": c.user.gid, "AdditionalGids": c.user.additional_gids}
-	object.get(input, "Capabilities", null) == null
-	input.Cwd == c.working_dir
-	[c.no_new_privileges, object.get(input, "NoNewPrivileges", c.no_new_privileges)] in fast_flag_ok
-	fast_env_ok(input.Env, c.env)
+fast_ExecProcessRequest := [f.name, []] if {
+	f := data.coffer_engine.exec[input.state]
+	f.commands[input.fixed]
+	env_fixed := f.env_fixed
+	object.subset(env_fixed, object.filter(input.Env, env_fixed))
+	every nv in [[name, value] | some name, value in object.remove(input.Env, env_fixed)] {
+		fast_value_ok(f.env_values[nv[0]], nv[1])
+	}
 }
 
-# What a container's view `fixed` must be: the engine evaluates this once, when it loads the policy,
-# and gives the values back as data.coffer_engine.fixed (in container order). MountTypes holds every
-# standard mount's and policy mount's destination with its type.
-fast_fixed := [{
-	"Args": c.args,
-	"Capabilities": {
-		"Ambient": [0, ""], "Bounding": fast_lines(c.capabilities), "Effective": fast_lines(c.capabilities),
-		"Inheritable": [0, ""], "Permitted": fast_lines(c.capabilities),
-	},
-	"Cwd": c.working_dir,
-	"Devices": [],
-	"Hooks": null,
-	"MountTypes": fast_lines(sort([concat("\t", [d, t]) |
-		some d, t in object.union(pd.common.default_mounts, {pm.destination: pm.type | some pm in c.mounts})
-	])),
-	"User": {"AdditionalGids": c.user.additional_gids, "GID": c.user.gid, "UID": c.user.uid},
-	"image": c.image,
-} |
-	some c in pd.containers
-]
+fast_RemoveContainerRequest := [name, [["remove", concat("", ["/containers/", id])]]] if {
+	name := data.coffer_engine.names[input.state]
+	id := input.container_id
+	is_string(id)
+	id != ""
+	trim(id, "-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz") == ""
+}
 
-fast_lines(strings) := [count(strings), concat("\n", strings)]
-
-# [the policy's flag, the request's]: a flag the policy may require to be true.
+# [the policy's flag, the request's]: a flag the policy may require to be true (used by ep_fast).
 fast_flag_ok := {[false, false], [false, true], [true, true]}
 
-# The view's source at the policy mount's destination, when the policy mount admits it.
-fast_source(pm) := s if {
-	s := input.MountData[pm.destination][1]
-	is_string(s)
-	source_ok(pm, s)
-}
-
-# Every variable is NAME=VALUE with an exact rule, or with a value one of NAME's patterns admits.
-fast_env_ok(env, rules) if {
-	is_array(env)
-	every e in [e | some e in env; not rules.exact[e]] {
-		is_string(e)
-		i := indexof(e, "=")
-		i > 0
-		fast_value_ok(rules, substring(e, 0, i), substring(e, i + 1, -1))
-	}
-}
-
-# A value one of the variable's patterns admits: a character-class pattern's `charsets` entry
-# ({"chars", "min"}: at least min characters, all from chars) states the same set as the pattern
-# without a regex, and "(?s).*" (the generator's "any value") admits every string. (Separate
+# A value the variable's rules admit, by its env_values entry (see fast_env_values). (Separate
 # definitions, not `else`: the regorus RVM does not try an `else` after a failed `some ... in`.)
-fast_value_ok(rules, name, value) if {
-	some cs in rules.charsets[name]
-	count(value) >= cs.min
-	trim(value, cs.chars) == ""
+fast_value_ok(rules, value) if {
+	count(value) >= rules.min
+	count(trim(value, rules.chars)) <= rules.rest
 }
 
-fast_value_ok(rules, name, _) if "^(?:(?s).*)$" in rules.patterns[name]
+fast_value_ok(rules, value) if rules.exact[value]
 
-fast_value_ok(rules, name, value) if {
-	some p in rules.patterns[name]
+fast_value_ok(rules, value) if {
+	some p in rules.patterns
 	regex.match(p, value)
 }
+
+# The per-container constants of the fast paths (evaluated by the engine with the interpreter, once,
+# when it loads the policy). `create` has an entry for each container name whose mounts and required
+# environment the fast path can state (every policy mount's source exact or a shared volume, no
+# destination repeated; one exact value for each required variable); `exec` has one entry per
+# container, in container order (null for a container the fast path cannot state).
+fast_constants := {
+	"create": {name: fast_create(i) | some name, i in pd.container_index; fast_create(i)},
+	"exec": [fast_exec(c) | some c in pd.containers],
+	"names": [c.name | some c in pd.containers],
+}
+
+fast_create(i) := {
+	"index": i,
+	"name": c.name,
+	"flags": [[nnp, ro] |
+		some nnp in fast_flag_values(object.get(c, "no_new_privileges", false))
+		some ro in fast_flag_values(object.get(c, "read_only_root", false))
+	],
+	"env_fixed": env_fixed,
+	"env_values": fast_env_values(c),
+	"fixed": [
+		c.args,
+		[fast_same(fast_lines([]), caps), caps, "Bounding", fast_same(fast_lines([]), caps), "Bounding"],
+		c.working_dir,
+		[],
+		null,
+		fast_lines(sort([concat(" ", [d, t]) |
+			some d, t in object.union(pd.common.default_mounts, {pm.destination: pm.type | some pm in c.mounts})
+		])),
+		{concat(" ", [pm.destination, pm.type]): [fast_source(pm), pm.options] |
+			some pm in c.mounts
+			not pd.common.default_mounts[pm.destination] == pm.type
+		},
+		fast_user(c),
+		c.image,
+		{},
+	],
+} if {
+	c := pd.containers[i]
+	fast_sets_ok(c)
+	count({pm.destination | some pm in c.mounts}) == count(c.mounts)
+	every pm in c.mounts {
+		fast_mount_ok(pm)
+	}
+	every cap in c.capabilities {
+		is_string(cap)
+		cap_name(cap) == cap
+	}
+	caps := fast_lines(c.capabilities)
+	env_fixed := fast_env_fixed(c)
+	count(env_fixed) == count({n | some n in c.env.required})
+}
+
+# A string list as the view writes it: its lines (see the view).
+fast_lines(strings) := [count(strings), concat(",", strings)]
+
+# A capability set as the view writes it: "Bounding" when its lines are Bounding's.
+fast_same(lines, bounding) := "Bounding" if lines == bounding
+
+else := lines
+
+# The constants that the request rules compare as sets are lists, so that equal lists are equal
+# sets (capabilities are also checked above to be written as the rules normalise them).
+fast_sets_ok(c) if {
+	is_array(c.capabilities)
+	is_array(c.user.additional_gids)
+}
+
+fast_user(c) := [c.user.additional_gids, c.user.gid, c.user.uid]
+
+# {NAME: VALUE} for each required variable that has one exact value: the only value it may have.
+fast_env_fixed(c) := {n: v |
+	some n in c.env.required
+	values := fast_exact_values(c, n)
+	count(values) == 1
+	v := values[0]
+}
+
+# NAME's exact values: VALUE for each exact entry NAME=VALUE.
+fast_exact_values(c, n) := [v |
+	prefix := concat("", [n, "="])
+	some e, _ in c.env.exact
+	startswith(e, prefix)
+	v := substring(e, count(prefix), -1)
+	c.env.exact[concat("", [prefix, v])]
+]
+
+# {NAME: the values NAME's rules admit} for each variable the rules name: "exact" {VALUE: true},
+# "patterns" (anchored regexes) and, when the patterns admit any value or one of them is one
+# character class repeated (a `charsets` entry), a shortcut {"chars", "min", "rest"}: a value is
+# admitted when it has at least min characters, and at most rest once those in chars are trimmed from
+# both ends. For "any value": min 0, chars "", rest unbounded; for a charset: rest 0 (all characters
+# from chars), as the charset states the pattern's set without a regex.
+fast_env_values(c) := {n: object.union(
+	{"exact": {v: true | some v in fast_exact_values(c, n)}, "patterns": patterns},
+	fast_env_shortcut(patterns, object.get(c.env.charsets, n, [])),
+) |
+	some n, _ in c.env.names
+	patterns := object.get(c.env.patterns, n, [])
+}
+
+fast_env_shortcut(patterns, charsets) := {"chars": "", "min": 0, "rest": 9007199254740991} if "^(?:(?s).*)$" in patterns
+
+else := {"chars": charsets[0].chars, "min": charsets[0].min, "rest": 0} if {
+	is_string(charsets[0].chars)
+	is_number(charsets[0].min)
+}
+
+else := {}
+
+# A policy mount the fast path can state: of the standard type at its destination (then any source
+# and options are allowed), or with a source fast_source states and options sorted as the rules sort.
+fast_mount_ok(pm) if pd.common.default_mounts[pm.destination] == pm.type
+
+fast_mount_ok(pm) if {
+	not pd.common.default_mounts[pm.destination] == pm.type
+	fast_source(pm)
+	pm.options == sort(pm.options)
+}
+
+# A policy mount's source as the fast path admits it: exact, or for a shared volume {"prefix",
+# "suffix"} around the container id.
+fast_source(pm) := pm.source_exact if is_string(pm.source_exact)
+
+fast_source(pm) := {"prefix": pm.source_prefix, "suffix": pm.source_suffix} if {
+	not pm.source_exact
+	is_string(pm.source_prefix)
+	is_string(pm.source_suffix)
+}
+
+# The values of a flag the policy may require to be true, that the fast path accepts (null: absent).
+fast_flag_values(required) := [true] if required
+
+fast_flag_values(required) := [true, false, null] if required == false
+
+fast_exec(c) := entry if {
+	fast_sets_ok(c)
+	entry := {"name": c.name, "env_fixed": fast_env_fixed(c), "env_values": fast_env_values(c),
+		"commands": [array.concat([args, null, c.working_dir, fast_user(c)], nnp) |
+		some args in c.allow.exec
+		some nnp in fast_exec_nnp(object.get(c, "no_new_privileges", false))
+	]}
+} else := null
+
+# NoNewPrivileges as an exec may give it: absent (the container's), true, or false when the policy
+# does not require it.
+fast_exec_nnp(required) := [[], [true]] if required
+
+fast_exec_nnp(required) := [[], [true], [false]] if required == false
