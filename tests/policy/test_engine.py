@@ -944,6 +944,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from coffer.policy import engine as engine_mod  # noqa: E402
+from tests.policy import fastcheck  # noqa: E402
+from tests.policy.mutation import mutate  # noqa: E402
 
 
 def _fast_rules() -> Any:
@@ -964,30 +966,8 @@ def _full(request: str, req: dict[str, Any], state: dict[str, Any]) -> Any:
 
 
 def _check_fast(request: str, req: Any, state: dict[str, Any]) -> bool:
-    """Whether the fast path allows ``req``; asserts it agrees with the interpreter and, when it
-    allows, that the request rule allows with the same ops and container."""
-    view_of = engine_mod._VIEWS[request]
-    try:
-        text = view_of(req, state["containers"], _CONTEXT) if isinstance(req, dict) else None
-    except (TypeError, ValueError, RecursionError):
-        return False
-    if text is None:
-        return False
-    rule = engine_mod._FAST[request]
-    fast = _LOADED.evaluate_fast(rule, text)
-    try:
-        interpreted = _LOADED.evaluate(rule, text)
-    except RuntimeError:  # the interpreter fails where the RVM is undefined (e.g. a builtin's type)
-        interpreted = None
-    assert (fast if fast != "<undefined>" else None) == interpreted, (req, fast, interpreted)
-    if fast == "<undefined>":
-        return False
-    full = _full(request, req, state)
-    assert full["allowed"] is True, (req, full)
-    container, triples = fast
-    ops = [dict(zip(("op", "path", "value"), triple, strict=False)) for triple in triples]
-    assert (ops, container) == (full["ops"], full["container"]), req
-    return True
+    """Whether the fast path allows ``req`` (see tests.policy.fastcheck)."""
+    return fastcheck.fast_allows(_LOADED, _CONTEXT, request, req, state)
 
 
 def _cc_state() -> dict[str, Any]:
@@ -1181,28 +1161,13 @@ _JSON = st.recursive(
 )
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            out += _paths(item, (*prefix, index))
-    return out
-
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fast_path_never_allows_a_mutated_request_the_rule_denies(data: st.DataObject) -> None:
     request = data.draw(st.sampled_from([CC, EP]))
     req = create("redis", "c-m") if request == CC else exec_in("nginx", ["nginx", "-s", "reload"])
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(_paths(req)[1:]))
-        parent = req
-        for part in path[:-1]:
-            parent = parent[part]
-        parent[path[-1]] = data.draw(_JSON)
+    mutate(data, req, _JSON)
     _check_fast(request, req, _cc_state() if request == CC else _STATE)
 
 

@@ -20,6 +20,8 @@ from coffer.policy import engine as engine_mod
 from coffer.policy import requests as rq
 from coffer.policy.engine import RULES, PolicyEngine, policy_data
 from coffer.policy.model import ContainerPolicy, EnvRule, HostAccess, Mount, User, WorkloadPolicy
+from tests.policy import fastcheck
+from tests.policy.mutation import mutate
 
 CC = "CreateContainerRequest"
 EP = "ExecProcessRequest"
@@ -104,29 +106,8 @@ def proc(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def fast_allows(request: str, req: dict[str, Any], state: dict[str, Any]) -> bool:
-    """Whether the fast path allows ``req``; asserts that the RVM and the interpreter agree on the
-    view and that, when the fast path allows, the request rule allows with the same ops."""
-    try:
-        text = engine_mod._VIEWS[request](req, state["containers"], _CONTEXT)
-    except (TypeError, ValueError, RecursionError):
-        return False
-    if text is None:
-        return False
-    rule = engine_mod._FAST[request]
-    fast = _LOADED.evaluate_fast(rule, text)
-    try:
-        interpreted = _LOADED.evaluate(rule, text)
-    except RuntimeError:
-        interpreted = None
-    assert (None if fast == "<undefined>" else fast) == interpreted, (req, fast, interpreted)
-    if fast == "<undefined>":
-        return False
-    full = _LOADED.evaluate(request, json.dumps({**req, "pstate": state}))
-    assert full["allowed"] is True, (req, full)
-    container, triples = fast
-    ops = [dict(zip(("op", "path", "value"), triple, strict=False)) for triple in triples]
-    assert (ops, container) == (full["ops"], full["container"])
-    return True
+    """Whether the fast path allows ``req`` (see tests.policy.fastcheck)."""
+    return fastcheck.fast_allows(_LOADED, _CONTEXT, request, req, state)
 
 
 def decides_as_the_rule(request: str, req: dict[str, Any], state: dict[str, Any]) -> bool:
@@ -401,28 +382,12 @@ _VALUE = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3)
                                         inner, max_size=2), max_leaves=5)
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            out += _paths(item, (*prefix, index))
-    return out
-
-
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_fast_path_never_allows_a_mutated_app_request_the_rule_denies(data: st.DataObject) -> None:
     request = data.draw(st.sampled_from([CC, EP]))
     req = create() if request == CC else exec_req()
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(_paths(req)[1:]))
-        parent = req
-        for part in path[:-1]:
-            parent = parent[part]
-        parent[path[-1]] = data.draw(_VALUE)
+    mutate(data, req, _VALUE)
     fast_allows(request, req, {"containers": {}} if request == CC else _STATE)
 
 
@@ -481,12 +446,7 @@ def test_compiled_views_give_what_the_python_views_give(data: st.DataObject) -> 
     assert engine_mod._load_views() is _NATIVE  # built from this source: the engine uses it
     request = data.draw(st.sampled_from([CC, EP, "RemoveContainerRequest"]))
     req: Any = create() if request == CC else exec_req()
-    for _ in range(data.draw(st.integers(0, 3))):
-        path = data.draw(st.sampled_from(_paths(req)[1:]))
-        parent = req
-        for part in path[:-1]:
-            parent = parent[part]
-        parent[path[-1]] = data.draw(_VALUE)
+    mutate(data, req, _VALUE, least=0)
     state = data.draw(st.sampled_from([{}, _STATE["containers"]]))
     context = views_mod.ViewContext(_CONTEXT.default_pairs, _CONTEXT.env_fixed)
     native_context = _NATIVE.ViewContext(_CONTEXT.default_pairs, _CONTEXT.env_fixed)
