@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from coffer.guest.runtime import ContainerRuntime, NotFoundError
 from coffer.policy import requests as rq
 from coffer.policy.engine import PolicyEngine, compile_policy, split_policy
 from coffer.policy.initdata import build_initdata, digests
-from coffer.policy.model import ContainerPolicy, EnvRule, HostAccess, User, WorkloadPolicy
+from coffer.policy.model import (
+    AttestationRequirement,
+    ContainerPolicy,
+    EnvRule,
+    HostAccess,
+    User,
+    WorkloadPolicy,
+)
 from coffer.sandbox.swtpm import Swtpm
 from tests.guest.conftest import requires_swtpm
 
@@ -508,3 +516,18 @@ def test_cdh_kbc_url_is_read_too_and_a_bad_url_is_a_format_error() -> None:
     bad = build_initdata("p", aa_toml='[token_configs.kbs]\nurl = "file:///etc/passwd"\n')
     with pytest.raises(FormatError, match="http"):
         kbs_url(parse_initdata_document(bad))
+
+
+def test_sandbox_on_a_tee_the_policy_does_not_name_is_refused_at_step_5(tmp_path: Path) -> None:
+    tpm_only = replace(POLICY, attestation=AttestationRequirement(tee=("tpm",)))
+    raw = initdata_for(tpm_only)
+    storage = write_measurement(tmp_path, digests(raw).digest.hex())
+    with pytest.raises(VerificationError) as info:
+        startup_checks(raw, "sample", storage=storage)
+    assert info.value.step == 5
+    good = pcr8_for_initdata(digests(raw).digest)
+    assert startup_checks(raw, "tpm", storage=storage, pcr8_reader=lambda tcti: good).policy
+    both = replace(POLICY, attestation=AttestationRequirement(tee=("tpm", "sample")))
+    raw = initdata_for(both)
+    (tmp_path / "launch-measurement").write_text(digests(raw).digest.hex())
+    assert startup_checks(raw, "sample", storage=storage).policy

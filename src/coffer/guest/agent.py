@@ -8,7 +8,10 @@ TEE measured at launch, in numbered steps that fail closed:
 3. read the launch measurement: ``tpm`` -> PCR 8 of the SHA-256 bank; ``sample`` -> the file
    ``<storage>/../launch-measurement`` that the host launcher writes (the digest in hex -- a
    development stand-in that binds nothing, since the host writes it);
-4. compare, in constant time: PCR 8 must be SHA-256(0^32 || digest), the sample file the digest.
+4. compare, in constant time: PCR 8 must be SHA-256(0^32 || digest), the sample file the digest;
+5. when the policy names the TEE types it may run on (``attestation.tee``), this sandbox's TEE must
+   be one of them (a host cannot start a ``tpm`` workload as ``sample``, whose launch measurement is
+   a file the host writes).
 
 Any failure is a :class:`~coffer.errors.VerificationError` naming the step; :func:`main` logs it and
 exits 1 without opening the socket. The policy is then loaded into a
@@ -169,7 +172,25 @@ def startup_checks(
                       f"{what} is {measured.hex()}, but the delivered initdata "
                       f"({found.algorithm} {found.digest.hex()}) needs {expected.hex()}: the initdata was "
                       "changed after launch or belongs to another sandbox")
+    allowed = _policy_tees(policy)
+    if allowed and tee not in allowed:
+        raise _refuse(tee, 5, "check TEE against policy",
+                      f"the policy runs only on {', '.join(allowed)}, and this sandbox's TEE is {tee!r}")
     return VerifiedInitData(document=document, digests=found, policy=policy)
+
+
+def _policy_tees(policy: str) -> tuple[str, ...]:
+    """The TEE types the policy names (``attestation.tee`` of its data); () when it names none, or
+    when its data is not in the compiled shape (the engine then refuses it when it loads)."""
+    try:
+        _, data = split_policy(policy)
+    except CofferError:
+        return ()
+    attestation = data.get("attestation")
+    tees = attestation.get("tee") if isinstance(attestation, dict) else None
+    if not isinstance(tees, list):
+        return ()
+    return tuple(str(t) for t in tees)
 
 
 _CONTAINER_KEYS: Final = ("name", "image", "args", "env", "working_dir", "user", "capabilities",
