@@ -4,7 +4,7 @@ regorus RVM loads cheaply. Nothing is decided here; the fast rules compare.
 
 The module depends on the standard library only, so that ``scripts/build_native.py`` can compile it
 with mypyc (the engine uses the compiled copy only when it was built from this very file: see
-:func:`coffer.policy.engine`'s loader). Keep it plain typed Python.
+:func:`coffer.policy.engine._load_views`). Keep it plain typed Python.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from typing import Any, Final
 _CAP_SETS: Final = ("Ambient", "Bounding", "Effective", "Inheritable", "Permitted")
 
 
-def _json_encoder(*, ascii_only: bool) -> Callable[[Any], str]:
-    """Compact JSON (no spaces, no NaN; object keys in the dicts' own order), made once: json's C
-    encoder without the circular-reference check (a cycle ends in RecursionError instead), or
+def _ascii_json_encoder() -> Callable[[Any], str]:
+    """Compact ASCII JSON (no spaces, no NaN; object keys in the dicts' own order), made once: json's
+    C encoder without the circular-reference check (a cycle ends in RecursionError instead), or
     JSONEncoder.encode where there is none. TypeError or ValueError for what is not JSON."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
-        encode_py: Callable[[Any], str] = json.JSONEncoder(
-            allow_nan=False, ensure_ascii=ascii_only, separators=(",", ":")).encode
+        encode_py: Callable[[Any], str] = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
         return encode_py
-    escape = json.encoder.encode_basestring_ascii if ascii_only else json.encoder.encode_basestring
-    encoder = make(None, None, escape, None, ":", ",", False, False, False)
+    encoder = make(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
 
     def encode(value: Any) -> str:
         return "".join(encoder(value, 0))
@@ -36,7 +34,7 @@ def _json_encoder(*, ascii_only: bool) -> Callable[[Any], str]:
     return encode
 
 
-ENCODE_ASCII = _json_encoder(ascii_only=True)
+ENCODE_ASCII = _ascii_json_encoder()
 ESCAPE: Final = json.encoder.encode_basestring_ascii
 
 
