@@ -69,7 +69,6 @@ STOP_TIMEOUT: Final = 10.0
 LOG_TAIL: Final = 2000
 TPM_PCR: Final = 8
 # TPM2_GetRandom(8): answered once swtpm has loaded its state.
-_TPM2_GET_RANDOM_8: Final = bytes.fromhex("80010000000c0000017b0008")
 
 UNSHARE_FLAGS: Final = ("--mount", "--pid", "--net", "--uts", "--ipc", "--fork", "--mount-proc",
                         "--propagation", "private", "--kill-child")
@@ -228,23 +227,6 @@ def _log_tail(path: Path) -> str:
             return handle.read().decode(errors="replace").strip()
     except OSError:
         return ""
-
-
-def _tpm_answers(sock_path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(2.0)
-            conn.connect(os.fsencode(sock_path))
-            conn.sendall(_TPM2_GET_RANDOM_8)
-            header = b""
-            while len(header) < 10:
-                chunk = conn.recv(10 - len(header))
-                if not chunk:
-                    return False
-                header += chunk
-    except OSError:
-        return False
-    return header[:2] == b"\x80\x01" and header[6:10] == b"\0\0\0\0"
 
 
 def _socket_accepts(path: Path) -> bool:
@@ -520,7 +502,7 @@ class ProcessBackend(SandboxBackend):
             log.close()
         ref = ProcessRef.of(process.pid)
         deadline = time.monotonic() + 10.0
-        while not _tpm_answers(sock):
+        while not swtpm_mod.tpm_answers(socket.AF_UNIX, os.fsencode(sock)):
             if process.poll() is not None or time.monotonic() > deadline:
                 terminate(ref, timeout=1.0)
                 raise SandboxStartError(f"swtpm did not start: {_log_tail(tpm_dir / 'swtpm.log')}")

@@ -38,10 +38,28 @@ EK_HANDLE_RSA = 0x81010001
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 
-
-
 # TPM2_GetRandom(8): tag TPM_ST_NO_SESSIONS, size 12, command code 0x17B, bytesRequested 8.
 _TPM2_GET_RANDOM_8 = bytes.fromhex("80010000000c0000017b0008")
+
+
+def tpm_answers(family: int, address: str | bytes | tuple[str, int]) -> bool:
+    """Whether the TPM at ``address`` (a unix socket path or a TCP address) answers a command
+    (TPM2_GetRandom) with success: swtpm opens its sockets before it has loaded its state."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as conn:
+            conn.settimeout(2.0)
+            conn.connect(address)
+            conn.sendall(_TPM2_GET_RANDOM_8)
+            header = b""
+            while len(header) < 10:
+                chunk = conn.recv(10 - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+    except OSError:
+        return False
+    return header[:2] == b"\x80\x01" and header[6:10] == b"\0\0\0\0"
+
 
 class SwtpmError(RuntimeError):
     """swtpm could not be set up or started (the message carries the end of its log)."""
@@ -251,24 +269,10 @@ class Swtpm:
         return self._answers_get_random()
 
     def _answers_get_random(self) -> bool:
-        family = socket.AF_UNIX if self.transport == "unix" else socket.AF_INET
-        address: str | tuple[str, int] = (
-            str(self._sock_dir / "tpm") if self._sock_dir is not None and self.transport == "unix"
-            else ("127.0.0.1", self._port))
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as conn:
-                conn.settimeout(2.0)
-                conn.connect(address)
-                conn.sendall(_TPM2_GET_RANDOM_8)
-                header = b""
-                while len(header) < 10:
-                    chunk = conn.recv(10 - len(header))
-                    if not chunk:
-                        return False
-                    header += chunk
-        except OSError:
-            return False
-        return header[:2] == b"\x80\x01" and header[6:10] == b"\0\0\0\0"
+        if self.transport == "unix":
+            assert self._sock_dir is not None
+            return tpm_answers(socket.AF_UNIX, str(self._sock_dir / "tpm"))
+        return tpm_answers(socket.AF_INET, ("127.0.0.1", self._port))
 
     def _log_tail(self) -> str:
         try:
