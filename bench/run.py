@@ -81,9 +81,8 @@ def runc_bundle(work: Path, layout: Path, tag: str, port: int) -> Path:
     return bundle
 
 
-def time_runc(bundle: Path, port: int, n: int) -> float:
-    name = f"bench-nginx-{os.getpid()}-{n}"
-    started = time.monotonic()
+def _runc_to_200(bundle: Path, name: str, port: int, started: float) -> float:
+    """``runc run -d`` of ``bundle``; seconds from ``started`` to its first HTTP 200 (then deleted)."""
     subprocess.run(
         [RUNC, "run", "-d", "--bundle", str(bundle), name],
         check=True,
@@ -96,21 +95,16 @@ def time_runc(bundle: Path, port: int, n: int) -> float:
     return elapsed
 
 
+def time_runc(bundle: Path, port: int, n: int) -> float:
+    return _runc_to_200(bundle, f"bench-nginx-{os.getpid()}-{n}", port, time.monotonic())
+
+
 def time_runc_with_unpack(work: Path, layout: Path, tag: str, port: int, n: int) -> float:
     """The same, counting the unpack of the plain image into a fresh bundle (what any runtime does
     for an image it has not unpacked yet)."""
     started = time.monotonic()
     bundle = runc_bundle(work / f"u{n}", layout, tag, port)
-    name = f"bench-nginx-u-{os.getpid()}-{n}"
-    subprocess.run(
-        [RUNC, "run", "-d", "--bundle", str(bundle), name],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    elapsed = first_200(port, started)
-    subprocess.run([RUNC, "delete", "--force", name], check=False, capture_output=True)
+    elapsed = _runc_to_200(bundle, f"bench-nginx-u-{os.getpid()}-{n}", port, started)
     shutil.rmtree(work / f"u{n}", ignore_errors=True)
     return elapsed
 
