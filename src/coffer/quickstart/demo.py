@@ -40,7 +40,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -145,27 +144,9 @@ class DemoReport:
 
 
 def _converse(port: int, request: bytes, until: bytes, timeout: float) -> bytes:
-    """Send ``request`` to 127.0.0.1:port and read until ``until`` ends the reply (retrying refused
-    connections until ``timeout``: the application may still be starting)."""
-    deadline = time.monotonic() + timeout
-    last: OSError | None = None
-    while time.monotonic() < deadline:
-        try:
-            wait = max(0.5, deadline - time.monotonic())
-            with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
-                sock.sendall(request)
-                reply = b""
-                while not reply.endswith(until) and len(reply) < 65536:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    reply += chunk
-                if reply:
-                    return reply
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TransportError(f"no answer from 127.0.0.1:{port} within {timeout:.0f} s: {last}")
+    """Send ``request`` to 127.0.0.1:port and read until the reply holds ``until`` (b"\0": to the
+    end), retrying refused connections until ``timeout``."""
+    return images.exchange(("127.0.0.1", port), request, timeout, until, min_wait=0.5)
 
 
 def _resp(*words: bytes) -> bytes:

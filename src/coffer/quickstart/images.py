@@ -943,12 +943,17 @@ def build_all(dest_root: Path, *, cache: Path | None = None,
 # Clients that check an app answers
 
 
-def _exchange(address: tuple[str, int], request: bytes, timeout: float, enough: bytes) -> bytes:
+def exchange(address: tuple[str, int], request: bytes, timeout: float, enough: bytes, *,
+             min_wait: float = 0.1) -> bytes:
+    """Send ``request`` to ``address`` and read until the reply holds ``enough`` (or the peer closes),
+    retrying refused connections until ``timeout`` (the application may still be starting); each
+    connection waits at least ``min_wait`` seconds. TransportError when nothing answered."""
     deadline = time.monotonic() + timeout
     last: OSError | None = None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(address, timeout=max(0.1, deadline - time.monotonic())) as sock:
+            wait = max(min_wait, deadline - time.monotonic())
+            with socket.create_connection(address, timeout=wait) as sock:
                 sock.sendall(request)
                 reply = b""
                 while enough not in reply and len(reply) < 65536:
@@ -972,18 +977,18 @@ def probe(app: str, host: str, port: int, *, timeout: float = 10.0) -> str:
     """
     address = (host, port)
     if app in ("nginx", "python"):
-        reply = _exchange(address, f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode(), timeout, b"\r\n\r\n")
+        reply = exchange(address, f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode(), timeout, b"\r\n\r\n")
         status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
         if not status.startswith("HTTP/1.") or status.split(" ")[1:2] != ["200"]:
             raise TransportError(f"{app}: unexpected HTTP status {status[:100]!r}")
         return status
     if app == "redis":
-        line = _exchange(address, b"*1\r\n$4\r\nPING\r\n", timeout, b"\r\n").split(b"\r\n", 1)[0]
+        line = exchange(address, b"*1\r\n$4\r\nPING\r\n", timeout, b"\r\n").split(b"\r\n", 1)[0]
         if line != b"+PONG":
             raise TransportError(f"redis: unexpected answer {line[:100]!r}")
         return line.decode()
     if app == "memcached":
-        line = _exchange(address, b"version\r\n", timeout, b"\r\n").split(b"\r\n", 1)[0]
+        line = exchange(address, b"version\r\n", timeout, b"\r\n").split(b"\r\n", 1)[0]
         if not line.startswith(b"VERSION "):
             raise TransportError(f"memcached: unexpected answer {line[:100]!r}")
         return line.decode()
