@@ -701,13 +701,7 @@ class RegistryClient:
         """
         label = expected.digest if expected is not None else f"{media_type} blob"
         what = f"uploading {label}"
-        response = self.request("POST", f"/v2/{self.repository}/blobs/uploads/", what=what, content=b"")
-        try:
-            if response.status_code != 202:
-                self._raise_for(response, what)
-            location = self._location(response, what)
-        finally:
-            response.close()
+        location = self._upload_step("POST", f"/v2/{self.repository}/blobs/uploads/", what, content=b"")
         hasher = hashlib.sha256()
         size = 0
         total = expected.size if expected is not None else None
@@ -727,14 +721,8 @@ class RegistryClient:
 
         finished = False
         try:
-            response = self.request("PATCH", location, what=what, content=body(),
-                                    headers={"Content-Type": "application/octet-stream"})
-            try:
-                if response.status_code != 202:
-                    self._raise_for(response, what)
-                location = self._location(response, what)
-            finally:
-                response.close()
+            location = self._upload_step("PATCH", location, what, content=body(),
+                                         headers={"Content-Type": "application/octet-stream"})
             digest = "sha256:" + hasher.hexdigest()
             if expected is not None:
                 if size != expected.size:
@@ -756,6 +744,17 @@ class RegistryClient:
         if expected is not None:
             return expected
         return Descriptor(media_type=media_type, digest=digest, size=size)
+
+    def _upload_step(self, method: str, url: str | httpx.URL, what: str, *, content: bytes | Iterator[bytes],
+                     headers: Mapping[str, str] | None = None) -> httpx.URL:
+        """One request of a blob upload that must answer 202 Accepted: the upload's next Location."""
+        response = self.request(method, url, what=what, content=content, headers=headers)
+        try:
+            if response.status_code != 202:
+                self._raise_for(response, what)
+            return self._location(response, what)
+        finally:
+            response.close()
 
     def _location(self, response: httpx.Response, what: str) -> httpx.URL:
         location = response.headers.get("Location")
