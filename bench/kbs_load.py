@@ -45,6 +45,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from coffer._internal.net import free_port
 from coffer.attestation.binding import report_data_for, runtime_data_digest, runtime_data_preimage
 from coffer.attestation.token import TokenSigner, TokenVerifier
 from coffer.evidence import verify as verify_evidence
@@ -266,13 +267,6 @@ def crypto_only_rate(form: str, seconds: float) -> tuple[float, dict[str, float]
 
 # --------------------------------------------------------------------------------------------------
 # Server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def process_tree_cpu(root: int) -> float:

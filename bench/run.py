@@ -34,11 +34,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from coffer._internal.net import free_port  # noqa: E402
 from coffer.image.locations import open_source  # noqa: E402
 from coffer.image.pipeline import unpack_from_source  # noqa: E402
 from coffer.policy.document import dump_policy  # noqa: E402
 from coffer.quickstart import demo, images  # noqa: E402
-from coffer.quickstart.trust import coffer_command, free_port, setup_dev_trust  # noqa: E402
+from coffer.quickstart.trust import coffer_command, setup_dev_trust  # noqa: E402
 
 RUNC = "/usr/sbin/runc"
 DEADLINE = 30.0

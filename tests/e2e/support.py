@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from coffer._internal.net import free_port
 from coffer.attestation.binding import report_data_for, runtime_data_digest, runtime_data_preimage
 from coffer.kbs.jwe import TeeKeyPair
 
@@ -48,13 +48,6 @@ allow if {
 
 # Environment variables of the operator's shell that must not leak into the tests' processes.
 _SCRUBBED = ("COFFER_KBS_MASTER_KEY", "COFFER_KBS_ADMIN_TOKEN", "COFFER_KBS_URL", "TPM2TOOLS_TCTI")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def coffer_command() -> list[str]:

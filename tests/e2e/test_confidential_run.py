@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from coffer._internal.net import free_port
 from coffer.errors import CofferError, UnsupportedError
 from coffer.image import media
 from coffer.image.layout import OciLayout
@@ -48,7 +49,7 @@ from coffer.quickstart.demo import (
     tamper_layer,
     write_signing_key,
 )
-from coffer.quickstart.trust import DevTrust, free_port, setup_dev_trust
+from coffer.quickstart.trust import DevTrust, setup_dev_trust
 from coffer.sandbox.process import mounts_under
 
 APPS = ("nginx", "redis", "memcached", "python")

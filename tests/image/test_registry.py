@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coffer._internal.net import free_port
 from coffer.errors import CofferError, ConfigError, FormatError, ProtocolError, TransportError, UsageError
 from coffer.image import media
 from coffer.image.layout import OciLayout
@@ -40,7 +41,6 @@ from tests.support.registry import (
     RegistryServer,
     Reply,
     ScriptedRegistry,
-    free_port,
     htpasswd_auth,
     make_tls,
     registry,  # noqa: F401 - fixture

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import stat
 import threading
 import time
@@ -27,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 
+from coffer._internal.net import free_port
 from coffer.attestation.reference_values import ReferenceValues
 from coffer.cli import _kbs_admin
 from coffer.cli._output import Output
@@ -790,19 +790,12 @@ def test_cli_needs_token_and_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         run_cli(["kbs", "admin", "resource", "list", "--token-file", str(empty), "--kbs", "http://x"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_cli_over_real_http(kbs: Kbs, ed_key: Ed25519PrivateKey, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     """The admin commands against the routes served by uvicorn on 127.0.0.1."""
     uvicorn = pytest.importorskip("uvicorn")
     kbs.now = datetime.now(UTC)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(kbs.app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -826,7 +819,7 @@ def test_cli_over_real_http(kbs: Kbs, ed_key: Ed25519PrivateKey, tmp_path: Path,
         with pytest.raises(ProtocolError, match="401"):
             run_cli(["kbs", "admin", "resource", "list", "--kbs", url, "--token", "bad.token.x"])
         with pytest.raises(CofferError, match="failed"):
-            run_cli(["kbs", "admin", "resource", "list", "--kbs", f"http://127.0.0.1:{_free_port()}",
+            run_cli(["kbs", "admin", "resource", "list", "--kbs", f"http://127.0.0.1:{free_port()}",
                      "--token", "x", "--timeout", "2"])
     finally:
         server.should_exit = True

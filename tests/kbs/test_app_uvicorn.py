@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
+from coffer._internal.net import free_port
 from coffer.errors import ProtocolError
 from coffer.guest.attesters import attester_for
 from coffer.kbs.client import KbsClient
@@ -25,13 +25,6 @@ from coffer.kbs.open_store import open_store, sqlite_url
 from coffer.kbs.resource_policy import ALLOW_ALL_RESOURCE_POLICY
 from coffer.kbs.resources import MasterKey, ResourceStore
 from tests.kbs.kbs_app_support import RESOURCE, SECRET, Kbs, handshake, make_kbs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -81,8 +74,6 @@ def test_error_bodies_over_http(server_url: str) -> None:
     assert unknown.json()["type"].endswith("/PluginNotFound")
     assert no_token.status_code == 401
     assert no_token.json()["type"].endswith("/TokenNotFound")
-
-
 
 
 def _serve_command(config: Path) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from coffer._internal.net import free_port
 from coffer.errors import ProtocolError, StorageError
 from coffer.kbs.app import AuditWriter
 from coffer.kbs.jwe import TeeKeyPair
@@ -30,7 +31,6 @@ from tests.e2e.support import (
     child_env,
     coffer_command,
     cookie_header,
-    free_port,
     sample_attestation,
     session_cookie,
     write_config,

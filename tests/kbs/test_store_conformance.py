@@ -629,7 +629,7 @@ def test_postgres_fixture_reports_missing_binaries(tmp_path: Path, monkeypatch: 
 
 
 def _closed_port() -> int:
-    from tests.support.postgres import free_port
+    from coffer._internal.net import free_port
 
     return free_port()
 

@@ -22,6 +22,7 @@ import yaml  # type: ignore[import-untyped]
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coffer._internal.net import free_port
 from coffer.errors import CofferError, FormatError, TransportError, UsageError
 from coffer.image import media
 from coffer.image.layout import OciLayout
@@ -50,7 +51,7 @@ from coffer.policy.requests import (
     write_stream_request,
 )
 from tests.image.imagebuild import layer_tar
-from tests.support.registry import RegistryServer, free_port, running_registry
+from tests.support.registry import RegistryServer, running_registry
 
 MANIFESTS = Path(__file__).parent / "manifests"
 INSECURE = TransportOptions(insecure=True, timeout=10.0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coffer._internal.net import free_port
 from coffer.errors import ConfigError, TransportError
 from coffer.sandbox.forward import Forwarder, bind_tcp, bind_unix, unix_connector
 
@@ -44,18 +45,12 @@ sys.exit(main(["inner", "--map", f"{sys.argv[1]}={port}"]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def netns_echo() -> Iterator[tuple[Path, int]]:
     """(unix socket path served by the inner forwarder, the echo port inside the netns)."""
     directory = Path(tempfile.mkdtemp(prefix="cof-fwd-"))
     sock = directory / "p.sock"
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         ["unshare", "--net", "--", sys.executable, "-c", INNER, str(sock), str(port)],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": SRC})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from coffer._internal.net import free_port
 from coffer.attestation.binding import pcr8_for_initdata
 from coffer.errors import TransportError, UnsupportedError, UsageError
 from coffer.policy.initdata import build_initdata
@@ -58,12 +59,6 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _assert_nothing_left(backend: ProcessBackend, sandbox_id: str, directory: Path) -> None:
     assert _processes_mentioning(sandbox_id) == []
     assert mounts_under(directory) == []
@@ -89,7 +84,7 @@ def _echo_through(port: int, deadline: float = 10.0) -> bytes:
 
 def test_sample_sandbox_runs_the_agent_in_its_own_namespaces(backend: ProcessBackend,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    inner_port, host_port = _free_port(), _free_port()
+    inner_port, host_port = free_port(), free_port()
     monkeypatch.setenv("STANDIN_ECHO_PORT", str(inner_port))
     sandbox = backend.create(SandboxSpec(name="web", initdata=INITDATA, tee="sample",
                                          ports=(PortMapping(host=host_port, container=inner_port),)))
@@ -176,7 +171,7 @@ def test_busy_host_port_fails_before_anything_starts(backend: ProcessBackend) ->
 
 def test_killed_agent_shows_dead_and_rm_f_cleans_up(backend: ProcessBackend) -> None:
     sandbox = backend.create(SandboxSpec(name="victim", initdata=INITDATA, tee="sample",
-                                         ports=(PortMapping(host=_free_port(), container=80),)))
+                                         ports=(PortMapping(host=free_port(), container=80),)))
     record = sandbox.record
     os.kill(record.processes["agent"].pid, signal.SIGKILL)
     deadline = time.monotonic() + 5

@@ -20,7 +20,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from coffer._internal.net import free_port
 
 START_TIMEOUT = 30.0
 
@@ -58,13 +59,6 @@ def find_bindir() -> Path:
         return Path(initdb).parent
     raise PostgresUnavailableError("PostgreSQL binaries (initdb, postgres) not found; install postgresql "
                               "or set COFFER_PG_BINDIR")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _run_as() -> pwd.struct_passwd | None:

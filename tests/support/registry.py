@@ -19,7 +19,6 @@ import ipaddress
 import json
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,14 +39,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coffer._internal.net import free_port
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 START_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from coffer._internal.net import free_port
 from coffer.errors import CofferError, TransportError, UnsupportedError, UsageError
 from coffer.guest.containers import RUNC
 from coffer.image import signing
@@ -58,7 +59,7 @@ from coffer.policy.generate import OciLayoutResolver, generate_for_run
 from coffer.policy.initdata import aa_toml_for_kbs, build_initdata
 from coffer.policy.model import SignatureRequirement, WorkloadPolicy
 from coffer.quickstart import images
-from coffer.quickstart.trust import DevTrust, child_env, coffer_command, free_port, setup_dev_trust
+from coffer.quickstart.trust import DevTrust, child_env, coffer_command, setup_dev_trust
 
 REGISTRY: Final = "coffer.local/demo"
 TAG: Final = "1"

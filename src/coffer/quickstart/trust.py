@@ -32,7 +32,6 @@ import base64
 import contextlib
 import fcntl
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any, Final
 import httpx
 from cryptography.hazmat.primitives import serialization
 
+from coffer._internal.net import free_port
 from coffer.errors import ConfigError, TransportError, UnsupportedError
 from coffer.kbs.admin import generate_admin_key, mint_admin_token
 from coffer.kbs.admin_client import AdminClient
@@ -65,14 +65,6 @@ DEFAULT_RESOURCE_POLICY_NOTE: Final = "default (releases to affirming evidence o
 
 # Variables of the operator's shell that must not reach the KBS process.
 _SCRUBBED: Final = ("COFFER_KBS_MASTER_KEY", "COFFER_KBS_ADMIN_TOKEN", "COFFER_KBS_URL", "TPM2TOOLS_TCTI")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def coffer_command() -> list[str]:
@@ -385,7 +377,6 @@ __all__ = [
     "agent_command",
     "child_env",
     "coffer_command",
-    "free_port",
     "prepare_tpm_template",
     "setup_dev_trust",
     "start_kbs",
