@@ -58,18 +58,6 @@ def new_plain_key() -> SigningKey:
     return SigningKey(ec.generate_private_key(ec.SECP256R1()))
 
 
-@pytest.fixture(scope="module")
-def keys() -> KeyPair:
-    """One cosign key pair per module: scrypt N=65536 makes each one cost ~0.2 s."""
-    return new_key_pair()
-
-
-@pytest.fixture(scope="module")
-def other_key() -> SigningKey:
-    """A second signer, created directly (cheap: no scrypt)."""
-    return new_plain_key()
-
-
 # -- image helpers shared with the policy tests ----------------------------------------------------
 
 
@@ -473,11 +461,6 @@ def push_test_image(tmp_path: Path, server: RegistryServer) -> RegistryRef:
         destination.put_manifest(manifest.raw, root.media_type, tag="1.0")
         destination.commit()
     return target
-
-
-@pytest.fixture
-def pushed(tmp_path: Path, registry: RegistryServer) -> RegistryRef:  # noqa: F811
-    return push_test_image(tmp_path, registry)
 
 
 def test_sign_and_read_in_registry(pushed: RegistryRef, keys: KeyPair, other_key: SigningKey) -> None:

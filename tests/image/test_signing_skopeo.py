@@ -33,26 +33,8 @@ from coffer.image.trust_policy import load_policy, verify_image
 from tests.image.test_signing import (
     PASSWORD,
     KeyPair,
-    new_key_pair,
-    new_plain_key,
-    push_test_image,
 )
 from tests.support.registry import RegistryServer, registry  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def keys() -> KeyPair:
-    return new_key_pair()
-
-
-@pytest.fixture(scope="module")
-def other_key() -> SigningKey:
-    return new_plain_key()
-
-
-@pytest.fixture
-def pushed(tmp_path: Path, registry: RegistryServer) -> RegistryRef:  # noqa: F811
-    return push_test_image(tmp_path, registry)
 
 SKOPEO = shutil.which("skopeo")
 SIGSTORE_DISABLED = "sigstore disabled"

@@ -31,28 +31,10 @@ from tests.image.test_signing import (
     KeyPair,
     attach_raw,
     make_layout,
-    new_key_pair,
-    new_plain_key,
-    push_test_image,
     sign_b64,
     sign_layout,
 )
 from tests.support.registry import RegistryServer, registry  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def keys() -> KeyPair:
-    return new_key_pair()
-
-
-@pytest.fixture(scope="module")
-def other_key() -> SigningKey:
-    return new_plain_key()
-
-
-@pytest.fixture
-def pushed(tmp_path: Path, registry: RegistryServer) -> RegistryRef:  # noqa: F811
-    return push_test_image(tmp_path, registry)
 
 
 def _policy(tmp_path: Path, obj: dict[str, Any], public_pem: bytes | None = None) -> Policy:
