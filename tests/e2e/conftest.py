@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from coffer.kbs.open_store import sqlite_url
 from coffer.kbs.resources import MasterKey
-from tests.e2e.support import AdminKey, KbsProcess
+from tests.e2e.support import AdminKey, KbsProcess, write_config
 
 KbsFactory = Callable[..., KbsProcess]
 
@@ -47,3 +48,11 @@ def master_key_file(tmp_path: Path) -> Path:
     path = tmp_path / "master.key"
     MasterKey.generate().write(path)
     return path
+
+
+@pytest.fixture
+def sqlite_kbs(tmp_path: Path, admin_key: AdminKey, master_key_file: Path,
+               start_kbs: KbsFactory) -> KbsProcess:
+    """A ready KBS on SQLite under ``tmp_path/state`` with this test's master key and admin key."""
+    return start_kbs(write_config(tmp_path / "kbs.toml", db=sqlite_url(tmp_path / "state" / "state.db"),
+                                  master_key=master_key_file, admin=admin_key))

@@ -9,15 +9,13 @@ from pathlib import Path
 
 from coffer.image import ocicrypt
 from coffer.image.layout import OciLayout
-from coffer.kbs.open_store import sqlite_url
-from tests.e2e.conftest import KbsFactory
 from tests.e2e.support import (
     SAMPLE_RESOURCE_POLICY,
     AdminKey,
+    KbsProcess,
     admin_get,
     run_coffer,
     set_resource_policy,
-    write_config,
 )
 from tests.image.imagebuild import make_image
 
@@ -31,15 +29,9 @@ def _layers(path: Path) -> list[bytes]:
 
 
 def test_kbs_key_decrypts_only_after_attestation(
-    tmp_path: Path, admin_key: AdminKey, master_key_file: Path, start_kbs: KbsFactory
+    tmp_path: Path, admin_key: AdminKey, sqlite_kbs: KbsProcess
 ) -> None:
-    config = write_config(
-        tmp_path / "kbs.toml",
-        db=sqlite_url(tmp_path / "state" / "state.db"),
-        master_key=master_key_file,
-        admin=admin_key,
-    )
-    kbs = start_kbs(config)
+    kbs = sqlite_kbs
     make_image(tmp_path / "src", n_layers=2)
     admin = ["--kbs", kbs.url, "--admin-token", admin_key.token()]
 
@@ -140,15 +132,9 @@ def test_kbs_key_decrypts_only_after_attestation(
 
 
 def test_key_under_a_forbidden_path_is_never_released(
-    tmp_path: Path, admin_key: AdminKey, master_key_file: Path, start_kbs: KbsFactory
+    tmp_path: Path, admin_key: AdminKey, sqlite_kbs: KbsProcess
 ) -> None:
-    config = write_config(
-        tmp_path / "kbs.toml",
-        db=sqlite_url(tmp_path / "state" / "state.db"),
-        master_key=master_key_file,
-        admin=admin_key,
-    )
-    kbs = start_kbs(config)
+    kbs = sqlite_kbs
     set_resource_policy(kbs.url, admin_key, SAMPLE_RESOURCE_POLICY)  # everything but forbidden/…
     make_image(tmp_path / "src", n_layers=1)
     run_coffer(

@@ -9,15 +9,13 @@ import json
 from pathlib import Path
 
 from coffer.image.layout import OciLayout
-from coffer.kbs.open_store import sqlite_url
-from tests.e2e.conftest import KbsFactory
 from tests.e2e.support import (
     SAMPLE_RESOURCE_POLICY,
     AdminKey,
+    KbsProcess,
     child_env,
     run_coffer,
     set_resource_policy,
-    write_config,
 )
 from tests.image.imagebuild import make_image
 from tests.support.registry import RegistryServer, registry  # noqa: F401
@@ -43,18 +41,10 @@ def test_protect_push_verify_pull_decrypt_unpack(
     tmp_path: Path,
     registry: RegistryServer,  # noqa: F811
     admin_key: AdminKey,
-    master_key_file: Path,
-    start_kbs: KbsFactory,
+    sqlite_kbs: KbsProcess,
 ) -> None:
     env = child_env(PASSWORD_ENV)
-    kbs = start_kbs(
-        write_config(
-            tmp_path / "kbs.toml",
-            db=sqlite_url(tmp_path / "state" / "state.db"),
-            master_key=master_key_file,
-            admin=admin_key,
-        )
-    )
+    kbs = sqlite_kbs
     set_resource_policy(kbs.url, admin_key, SAMPLE_RESOURCE_POLICY)
     make_image(tmp_path / "src", n_layers=3, gz=True)
     run_coffer("image", "keygen", "--output-key-prefix", str(tmp_path / "cosign"), env=env)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coffer.kbs.open_store import sqlite_url
-from tests.e2e.conftest import KbsFactory
-from tests.e2e.support import AdminKey, run_coffer, write_config
+from tests.e2e.support import AdminKey, KbsProcess, run_coffer
 
 POLICY = """\
 version: 1
@@ -31,16 +29,9 @@ def _initdata(tmp_path: Path, name: str, *, debug: bool) -> Path:
 
 
 def test_policy_debug_switch_is_visible_in_the_token(
-    tmp_path: Path, admin_key: AdminKey, master_key_file: Path, start_kbs: KbsFactory
+    tmp_path: Path, admin_key: AdminKey, sqlite_kbs: KbsProcess
 ) -> None:
-    kbs = start_kbs(
-        write_config(
-            tmp_path / "kbs.toml",
-            db=sqlite_url(tmp_path / "state" / "state.db"),
-            master_key=master_key_file,
-            admin=admin_key,
-        )
-    )
+    kbs = sqlite_kbs
     for debug in (False, True):
         initdata = _initdata(tmp_path, f"policy-{debug}", debug=debug)
         done = run_coffer(

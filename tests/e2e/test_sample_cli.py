@@ -10,11 +10,10 @@ from pathlib import Path
 import httpx
 
 from coffer.kbs.jwe import TeeKeyPair
-from coffer.kbs.open_store import sqlite_url
-from tests.e2e.conftest import KbsFactory
 from tests.e2e.support import (
     SAMPLE_RESOURCE_POLICY,
     AdminKey,
+    KbsProcess,
     assert_error,
     auth_body,
     cookie_header,
@@ -22,18 +21,14 @@ from tests.e2e.support import (
     run_json,
     sample_attestation,
     session_cookie,
-    write_config,
 )
 
 SECRET = b"e2e sample secret \x00\xff\x10 bytes"
 RESOURCE = "default/key/e2e"
 
 
-def test_sample_release_with_the_cli(tmp_path: Path, admin_key: AdminKey, master_key_file: Path,
-                                     start_kbs: KbsFactory) -> None:
-    config = write_config(tmp_path / "kbs.toml", db=sqlite_url(tmp_path / "state" / "state.db"),
-                          master_key=master_key_file, admin=admin_key)
-    kbs = start_kbs(config)
+def test_sample_release_with_the_cli(tmp_path: Path, admin_key: AdminKey, sqlite_kbs: KbsProcess) -> None:
+    kbs = sqlite_kbs
     token_file = tmp_path / "admin.jwt"
     run_coffer("kbs", "admin", "token", "--key", str(admin_key.private), "--role", "admin",
                "--subject", "e2e-operator", "--out", str(token_file))

@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from coffer.guest.attesters.tpm import TpmAttester, enroll_by_activation
-from coffer.kbs.open_store import sqlite_url
 from coffer.sandbox import swtpm
-from tests.e2e.conftest import KbsFactory
-from tests.e2e.support import AdminKey, admin_get, audit_events, child_env, run_coffer, run_json, write_config
+from tests.e2e.support import AdminKey, KbsProcess, admin_get, audit_events, child_env, run_coffer, run_json
 
 SECRET = b"disk-encryption-key-for-the-tpm-guest"
 RESOURCE = "default/key/tpm-guest"
@@ -40,11 +38,9 @@ def software_tpm(tmp_path: Path) -> Iterator[swtpm.Swtpm]:
 
 
 def test_tpm_release_follows_ak_and_pcr_reference_values(tmp_path: Path, admin_key: AdminKey,
-                                                         master_key_file: Path, start_kbs: KbsFactory,
+                                                         sqlite_kbs: KbsProcess,
                                                          software_tpm: swtpm.Swtpm) -> None:
-    config = write_config(tmp_path / "kbs.toml", db=sqlite_url(tmp_path / "state" / "state.db"),
-                          master_key=master_key_file, admin=admin_key)
-    kbs = start_kbs(config)
+    kbs = sqlite_kbs
     remote = ["--kbs", kbs.url, "--token", admin_key.token()]
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET)
