@@ -16,6 +16,7 @@ import pytest
 from coffer.cli import main
 from coffer.image import media
 from coffer.image.layout import OciLayout
+from tests.image.imagebuild import layer_blobs
 from tests.image.test_umoci_interop import _build_layout, _snapshot
 
 SKOPEO = shutil.which("skopeo")
@@ -61,12 +62,6 @@ def coffer(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
     return result
 
 
-def _layers(path: Path) -> list[bytes]:
-    layout = OciLayout.open(path)
-    manifest = layout.read_manifest(layout.resolve("latest"))
-    return [b"".join(layout.iter_blob(layer)) for layer in manifest.layers]
-
-
 def _media_types(path: Path) -> list[str]:
     layout = OciLayout.open(path)
     return [layer.media_type for layer in layout.read_manifest(layout.resolve("latest")).layers]
@@ -94,7 +89,7 @@ def test_skopeo_encrypted_image_decrypts_with_coffer(
         "--key-file",
         str(key),
     )
-    assert _layers(tmp_path / "dec") == original
+    assert layer_blobs(tmp_path / "dec") == original
 
 
 def test_coffer_encrypted_image_decrypts_with_skopeo(
@@ -119,7 +114,7 @@ def test_coffer_encrypted_image_decrypts_with_skopeo(
         f"oci:{tmp_path / 'enc'}:latest",
         f"oci:{tmp_path / 'dec'}:latest",
     )
-    assert _layers(tmp_path / "dec") == original
+    assert layer_blobs(tmp_path / "dec") == original
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="umoci keeps ownership only as root; compare as root")

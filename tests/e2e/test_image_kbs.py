@@ -17,15 +17,9 @@ from tests.e2e.support import (
     run_coffer,
     set_resource_policy,
 )
-from tests.image.imagebuild import make_image
+from tests.image.imagebuild import layer_blobs, make_image
 
 KEY = "kbs:///default/key/image-kek"
-
-
-def _layers(path: Path) -> list[bytes]:
-    layout = OciLayout.open(path)
-    manifest = layout.read_manifest(layout.resolve("latest"))
-    return [b"".join(layout.iter_blob(layer)) for layer in manifest.layers]
 
 
 def test_kbs_key_decrypts_only_after_attestation(
@@ -117,7 +111,7 @@ def test_kbs_key_decrypts_only_after_attestation(
         "--json",
     )
     assert json.loads(done.stdout)["kbs_keys"] == [KEY]
-    assert _layers(tmp_path / "dec") == _layers(tmp_path / "src")
+    assert layer_blobs(tmp_path / "dec") == layer_blobs(tmp_path / "src")
     run_coffer(
         "image",
         "unpack",

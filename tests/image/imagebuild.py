@@ -71,3 +71,10 @@ def make_multiarch(root: Path, *, arches: Sequence[str] = ("amd64", "arm64"),
     index_desc = layout.write_bytes(index.to_bytes(), media.OCI_INDEX)
     layout.set_ref(index_desc, tag)
     return layout
+
+
+def layer_blobs(root: Path, tag: str = "latest") -> list[bytes]:
+    """The layer blobs of the image ``tag`` in the layout at ``root``, in manifest order."""
+    layout = OciLayout.open(root)
+    manifest = layout.read_manifest(layout.resolve(tag))
+    return [b"".join(layout.iter_blob(layer)) for layer in manifest.layers]
